@@ -1,0 +1,134 @@
+"""Settings: one object built once at start from flags and ``GATEWAY_`` variables.
+
+Every setting has a flag and an environment variable with the same name: the flag
+``--max-frame-bytes`` and the variable ``GATEWAY_MAX_FRAME_BYTES``. A flag wins over
+the variable, which wins over the default. The README's settings table lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "flag_name", "load_settings"]
+
+ENV_PREFIX = "GATEWAY_"
+
+
+def _default_replica() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told at start; sizes in bytes, times in seconds."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key for POST /events; a random one is made and "
+        "printed at start when unset.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level logged."
+    )
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="Log line format."
+    )
+    replica: str = Field(
+        default_factory=_default_replica,
+        description="Name of this gateway process in logs and the registry "
+        "(default: host name and process id).",
+    )
+    max_frame_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="Largest WebSocket message a client may send; larger ones "
+        "close the connection with 1009.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest POST /events body (413 above)."
+    )
+    max_event_bytes: int = Field(
+        65536, ge=256, description="Largest encoded event (413 above)."
+    )
+    max_batch: int = Field(
+        1000, ge=1, description="Most events in one POST /events array."
+    )
+    max_subscriptions: int = Field(
+        100, ge=1, description="Most topic filters one connection may hold."
+    )
+    max_topic_length: int = Field(
+        256, ge=8, le=65535, description="Longest topic name or filter, in characters."
+    )
+    max_topic_depth: int = Field(
+        8, ge=1, le=64, description="Most levels in a topic name or filter."
+    )
+    max_messages_per_second: float = Field(
+        50.0,
+        gt=0,
+        description="Messages per second a client may send over WebSocket, with "
+        "bursts of twice that; faster clients are closed with 1008.",
+    )
+    max_buffer_bytes: int = Field(
+        1024 * 1024,
+        ge=4096,
+        description="Outbound bytes queued for one slow client before it is "
+        "closed with 1013.",
+    )
+    history_size: int = Field(1000, ge=1, description="Events kept per topic.")
+    ping_interval: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds between keepalive pings; a peer that does not answer "
+        "within the same time is dropped.",
+    )
+    close_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds to wait for a client's close reply before aborting.",
+    )
+    shutdown_timeout: float = Field(
+        8.0,
+        gt=0,
+        description="Seconds SIGTERM waits for clients to leave before aborting.",
+    )
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names its flag and variable."""
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a settings field, such as ``--api-key``."""
+    return "--" + field.replace("_", "-")
+
+
+def load_settings(**given: Any) -> Settings:
+    """Build the settings from flags given and the environment.
+
+    Args:
+        given: values from flags; ``None`` means the flag was not given.
+
+    Raises:
+        SettingsError: a value is invalid; the message names flag and variable.
+    """
+    values = {name: value for name, value in given.items() if value is not None}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(
+                f"{flag_name(field)} / {ENV_PREFIX}{field.upper()}: {error['msg']}"
+            )
+        raise SettingsError("; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Protocol core with no I/O: topic grammar, the event envelope and frame encoding."""

@@ -1,0 +1,218 @@
+"""The event envelope: validation at ingress, stamping and the one encoding.
+
+A publisher sends ``topic``, ``eventSource``, ``eventType`` and ``eventDetails``. The
+gateway adds ``id``, ``offset`` (per topic) and ``publishedAt``, encodes the result once
+with orjson and keeps both the JSON payload and the WebSocket frame around it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.errors import BadRequest, BadTopic, TooLarge
+from gateway.events.frames import text_frame
+from gateway.events.topics import validate_topic
+
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "Draft",
+    "Event",
+    "parse_drafts",
+    "stamp",
+    "validate_draft",
+]
+
+DEFAULT_MAX_EVENT_BYTES = 64 * 1024
+
+_EVENT_TYPE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
+_FIELDS = frozenset({"topic", "eventSource", "eventType", "eventDetails"})
+_MAX_SOURCE_LENGTH = 128
+_MAX_TYPE_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A validated envelope that has not been stamped yet."""
+
+    topic: str
+    source: str
+    type: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stamped event, encoded once.
+
+    Attributes:
+        topic: the topic it was published on.
+        offset: its position in the topic's history, starting at 1.
+        id: unique id, 32 hex digits.
+        published_at: when the gateway accepted it, in seconds since the epoch.
+        payload: the JSON message sent to subscribers and kept in history.
+        frame: ``payload`` inside one WebSocket text frame.
+    """
+
+    topic: str
+    offset: int
+    id: str
+    published_at: float
+    payload: bytes
+    frame: bytes
+
+
+def validate_draft(
+    item: object,
+    *,
+    max_topic_length: int,
+    max_topic_depth: int,
+    where: str = "event",
+) -> Draft:
+    """Check one publish item and turn it into a draft.
+
+    Args:
+        item: one element of a decoded publish body.
+        max_topic_length: longest accepted topic, in characters.
+        max_topic_depth: most levels accepted in a topic.
+        where: how error messages name the item, such as ``events[3]``.
+
+    Returns:
+        The draft.
+
+    Raises:
+        BadRequest: a field is missing, unknown or of the wrong type.
+        BadTopic: the topic breaks the grammar.
+    """
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where}: expected an object, got {type(item).__name__}")
+    unknown = item.keys() - _FIELDS
+    if unknown:
+        raise BadRequest(f"{where}: unknown field {sorted(unknown)[0]!r}")
+    for field in ("topic", "eventSource", "eventType", "eventDetails"):
+        if field not in item:
+            raise BadRequest(f"{where}: missing field {field!r}")
+    try:
+        topic = validate_topic(
+            item["topic"], max_length=max_topic_length, max_depth=max_topic_depth
+        )
+    except BadTopic as exc:
+        raise BadTopic(f"{where}.topic: {exc}") from exc
+    source = item["eventSource"]
+    if not isinstance(source, str) or not 0 < len(source) <= _MAX_SOURCE_LENGTH:
+        raise BadRequest(
+            f"{where}.eventSource: expected a string of 1 to "
+            f"{_MAX_SOURCE_LENGTH} characters"
+        )
+    event_type = item["eventType"]
+    if (
+        not isinstance(event_type, str)
+        or len(event_type) > _MAX_TYPE_LENGTH
+        or not _EVENT_TYPE.fullmatch(event_type)
+    ):
+        raise BadRequest(
+            f"{where}.eventType: expected UPPER_SNAKE_CASE such as PRICE_CHANGED"
+        )
+    details = item["eventDetails"]
+    if not isinstance(details, dict):
+        raise BadRequest(f"{where}.eventDetails: expected an object")
+    return Draft(topic, source, event_type, details)
+
+
+def parse_drafts(
+    body: bytes,
+    *,
+    max_topic_length: int,
+    max_topic_depth: int,
+    max_batch: int,
+) -> list[Draft]:
+    """Decode a publish body: one envelope object or an array of them.
+
+    Raises:
+        BadRequest: the body is not JSON, is empty, or holds a bad item.
+        BadTopic: an item's topic breaks the grammar.
+        TooLarge: the array holds more than ``max_batch`` items.
+    """
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="bad_json") from exc
+    if isinstance(decoded, dict):
+        items: list[object] = [decoded]
+        names = ["event"]
+    elif isinstance(decoded, list):
+        if not decoded:
+            raise BadRequest("body is an empty array")
+        if len(decoded) > max_batch:
+            raise TooLarge(f"more than {max_batch} events in one request")
+        items = decoded
+        names = [f"events[{index}]" for index in range(len(items))]
+    else:
+        raise BadRequest("body must be an event object or an array of them")
+    return [
+        validate_draft(
+            item,
+            max_topic_length=max_topic_length,
+            max_topic_depth=max_topic_depth,
+            where=name,
+        )
+        for item, name in zip(items, names, strict=True)
+    ]
+
+
+def _iso(timestamp: float) -> str:
+    return (
+        datetime.fromtimestamp(timestamp, UTC)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def stamp(
+    draft: Draft,
+    offset: int,
+    *,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    event_id: str | None = None,
+    published_at: float | None = None,
+) -> Event:
+    """Give a draft its id, offset and publish time, and encode it once.
+
+    Args:
+        draft: the validated envelope.
+        offset: its position in the topic's history.
+        max_bytes: largest accepted encoded event, in bytes.
+        event_id: reuse this id instead of making one (a replayed event).
+        published_at: reuse this time, in seconds since the epoch.
+
+    Raises:
+        TooLarge: the encoded event is longer than ``max_bytes``.
+    """
+    event_id = event_id or uuid.uuid4().hex
+    published_at = time.time() if published_at is None else published_at
+    payload = orjson.dumps(
+        {
+            "type": "event",
+            "topic": draft.topic,
+            "offset": offset,
+            "id": event_id,
+            "publishedAt": _iso(published_at),
+            "eventSource": draft.source,
+            "eventType": draft.type,
+            "eventDetails": draft.details,
+        }
+    )
+    if len(payload) > max_bytes:
+        raise TooLarge(
+            f"event for {draft.topic!r} is {len(payload)} bytes encoded, "
+            f"over the limit of {max_bytes}"
+        )
+    return Event(
+        draft.topic, offset, event_id, published_at, payload, text_frame(payload)
+    )

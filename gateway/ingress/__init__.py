@@ -1,0 +1,1 @@
+"""Ingress: the HTTP publish API, health, readiness, metrics and admin reads."""

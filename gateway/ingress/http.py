@@ -1,0 +1,151 @@
+"""HTTP handlers of the gateway: publish, health, readiness, metrics, admin."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.errors import ClientError, TooLarge, Unauthorized, Unavailable
+from gateway.events.envelope import parse_drafts
+from gateway.runtime import Runtime
+
+__all__ = ["error_response", "routes"]
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON body every HTTP error of the gateway has."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status, headers=headers
+    )
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.gateway
+    return runtime
+
+
+def _check_api_key(request: Request, runtime: Runtime) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = runtime.settings.api_key
+    if scheme.lower() != "bearer" or not token or expected is None:
+        raise Unauthorized("missing bearer API key")
+    # Constant time, so the key cannot be guessed byte by byte from timings.
+    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("wrong API key")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body is {declared} bytes, over the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def publish(request: Request) -> Response:
+    """POST /events: publish one event or an array of them."""
+    runtime = _runtime(request)
+    settings = runtime.settings
+    try:
+        _check_api_key(request, runtime)
+        body = await _read_body(request, settings.max_body_bytes)
+        drafts = parse_drafts(
+            body,
+            max_topic_length=settings.max_topic_length,
+            max_topic_depth=settings.max_topic_depth,
+            max_batch=settings.max_batch,
+        )
+        events = await runtime.publish(drafts)
+    except ClientError as exc:
+        logger.debug("publish refused: %s: %s", exc.code, exc)
+        runtime.metrics.client_errors.labels(exc.code).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, str(exc), headers)
+    except Unavailable as exc:
+        logger.warning("publish refused, backend unavailable: %s", exc)
+        return error_response(
+            503, "unavailable", str(exc), headers={"Retry-After": "1"}
+        )
+    return JSONResponse(
+        {
+            "events": [
+                {"id": event.id, "topic": event.topic, "offset": event.offset}
+                for event in events
+            ]
+        }
+    )
+
+
+async def healthz(request: Request) -> Response:
+    """GET /healthz: the process is alive and its event loop answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """GET /readyz: this replica should get new clients and publishes."""
+    runtime = _runtime(request)
+    backend_ready = runtime.backend.is_ready()
+    ready = backend_ready and not runtime.draining
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "draining": runtime.draining,
+        "backend": {"name": runtime.backend.name, "ready": backend_ready},
+        "replica": runtime.settings.replica,
+    }
+    return JSONResponse(body, 200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format."""
+    registry = _runtime(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def admin_stats(request: Request) -> Response:
+    """GET /admin/stats: connections, and per topic the subscribers and last offset."""
+    runtime = _runtime(request)
+    try:
+        _check_api_key(request, runtime)
+    except Unauthorized as exc:
+        return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "Bearer"})
+    backend = runtime.backend
+    topics = await backend.topic_stats()
+    return JSONResponse(
+        {
+            "connections": await backend.connection_count(),
+            "topics": [
+                {
+                    "topic": item.name,
+                    "subscribers": item.subscribers,
+                    "lastOffset": item.last_offset,
+                }
+                for item in topics
+            ],
+        }
+    )
+
+
+routes = [
+    Route("/events", publish, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/admin/stats", admin_stats, methods=["GET"]),
+]

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one gateway process, served at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Every metric the gateway exports, on a registry of its own.
+
+    A registry per instance keeps two gateways in one process (as in tests) apart.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.connections = Gauge(
+            "gateway_connections",
+            "Open WebSocket connections on this replica.",
+            registry=registry,
+        )
+        self.subscriptions = Gauge(
+            "gateway_subscriptions",
+            "Subscriptions (connection and topic filter pairs) on this replica.",
+            registry=registry,
+        )
+        self.events_in = Counter(
+            "gateway_events_in",
+            "Events accepted by the publish API of this replica.",
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "gateway_deliveries",
+            "Event frames handed to local subscribers' sockets.",
+            registry=registry,
+        )
+        self.slow_consumer_closes = Counter(
+            "gateway_slow_consumer_closes",
+            "Connections closed because their outbound buffer passed its cap.",
+            registry=registry,
+        )
+        self.closes = Counter(
+            "gateway_closes",
+            "WebSocket connections ended, by close code (1006: aborted).",
+            ["code"],
+            registry=registry,
+        )
+        self.client_errors = Counter(
+            "gateway_client_errors",
+            "Client mistakes answered with an error, by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.delivery_latency = Histogram(
+            "gateway_delivery_latency_seconds",
+            "From an event's publish time until its frame was handed to the last "
+            "matching local subscriber's socket.",
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1.0,
+                2.5,
+            ),
+            registry=registry,
+        )

@@ -1,0 +1,81 @@
+"""The running gateway: settings, state backend, router and metrics, wired once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from gateway.config import Settings
+from gateway.events.envelope import Draft, Event
+from gateway.fanout.router import Router
+from gateway.metrics import Metrics
+from gateway.state.base import StateBackend
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Everything a request or a connection needs from the process it runs in.
+
+    One instance lives for the life of the Starlette application; the HTTP
+    handlers find it on ``request.state`` and the WebSocket transport in the
+    lifespan state uvicorn hands to every connection.
+    """
+
+    def __init__(self, settings: Settings, backend: StateBackend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.router = Router()
+        self.metrics = Metrics()
+        # Set by the first SIGTERM: /readyz answers 503 and new WebSocket
+        # handshakes are refused while open connections are closed with 1001.
+        self.draining = False
+        # Background work that belongs to no request, kept so that it is neither
+        # garbage collected mid-flight nor left running at shutdown.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        backend.set_listener(self.on_event)
+
+    async def start(self) -> None:
+        """Connect the backend."""
+        await self.backend.start()
+        logger.info("state backend %s ready", self.backend.name)
+
+    async def close(self) -> None:
+        """Finish background work and release the backend."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.settings.close_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await self.backend.close()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run a coroutine in the background; log its failure with a traceback."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("%s failed", what, exc_info=task.exception())
+
+        task.add_done_callback(done)
+
+    async def publish(self, drafts: Sequence[Draft]) -> list[Event]:
+        """Stamp, store and deliver a batch of events; see ``StateBackend.publish``."""
+        events = await self.backend.publish(
+            drafts, max_bytes=self.settings.max_event_bytes
+        )
+        self.metrics.events_in.inc(len(events))
+        return events
+
+    def on_event(self, event: Event) -> None:
+        """Deliver one event to this replica's subscribers (the backend's listener)."""
+        delivered = self.router.deliver(event)
+        if delivered:
+            self.metrics.deliveries.inc(delivered)
+            self.metrics.delivery_latency.observe(time.time() - event.published_at)

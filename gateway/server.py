@@ -1,0 +1,64 @@
+"""Running the application under uvicorn with the gateway's WebSocket transport."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.runtime import Runtime
+from gateway.state.memory import MemoryBackend
+from gateway.transports.websocket import WebSocketProtocol
+
+__all__ = ["GatewayServer", "build_server"]
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, with readiness turned off first on SIGTERM or SIGINT.
+
+    A signal starts a graceful stop: ``/readyz`` answers 503 and new WebSocket
+    handshakes are refused at once, listening stops, every client gets close 1001
+    and the process exits 0 once they are gone or ``shutdown_timeout`` has passed.
+    """
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.runtime.draining:
+            logger.info("received %s: draining", signal.Signals(sig).name)
+        self.runtime.draining = True
+        # uvicorn's own handler would re-raise the signal after shutdown, which
+        # ends the process with a signal status; a requested stop exits 0 here.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def build_server(settings: Settings) -> GatewayServer:
+    """Wire backend, runtime, application and uvicorn from the settings."""
+    runtime = Runtime(settings, MemoryBackend(history_size=settings.history_size))
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    config = uvicorn.Config(
+        create_app(runtime),
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        http="httptools",
+        ws=WebSocketProtocol,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        backlog=4096,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+    )
+    return GatewayServer(config, runtime)

@@ -1,0 +1,129 @@
+"""The in-memory backend: one process, no outside service, the embedded default."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+
+from gateway.events.envelope import Draft, Event, stamp
+from gateway.state.base import ConnectionRecord, HistoryRead, StateBackend, TopicStats
+
+__all__ = ["MemoryBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryBackend(StateBackend):
+    """Keeps everything in dictionaries of this process.
+
+    Publishing is synchronous under the hood: an event is stored and handed to the
+    listener before ``publish`` returns, so a reader of the history never misses
+    what a live subscriber saw, nor the reverse.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, history_size: int = 1000) -> None:
+        """Create an empty backend.
+
+        Args:
+            history_size: events kept per topic; older ones are forgotten.
+        """
+        super().__init__()
+        self._history_size = history_size
+        # Per topic: the newest events (capped) and the newest offset ever given.
+        self._history: dict[str, deque[Event]] = {}
+        self._last_offset: dict[str, int] = {}
+        # Registry: open connections, and subscriptions both ways.
+        self._connections: dict[str, ConnectionRecord] = {}
+        self._filters_of: dict[str, set[str]] = {}
+        self._subscribers_of: Counter[str] = Counter()
+
+    async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
+        # Stamp the whole batch before storing any of it, so that an event over
+        # the size limit leaves no offset used and nothing half published.
+        next_offset = dict(self._last_offset)
+        events = []
+        for draft in drafts:
+            offset = next_offset.get(draft.topic, 0) + 1
+            next_offset[draft.topic] = offset
+            events.append(stamp(draft, offset, max_bytes=max_bytes))
+        listener = self._listener
+        for event in events:
+            history = self._history.get(event.topic)
+            if history is None:
+                history = self._history[event.topic] = deque(maxlen=self._history_size)
+            history.append(event)
+            self._last_offset[event.topic] = event.offset
+            if listener is not None:
+                listener(event)
+        return events
+
+    async def read_history(self, topic: str, after: int, limit: int) -> HistoryRead:
+        history = self._history.get(topic)
+        last = self._last_offset.get(topic, 0)
+        if not history:
+            return HistoryRead((), 0, last)
+        first = history[0].offset
+        # Offsets in one history are contiguous, so the start is computed, not searched.
+        start = max(0, after - first + 1)
+        events = [history[i] for i in range(start, min(len(history), start + limit))]
+        return HistoryRead(events, first, last)
+
+    async def watch(self, topic_filter: str) -> None:
+        # One process: every published event already reaches the listener.
+        return None
+
+    async def unwatch(self, topic_filter: str) -> None:
+        return None
+
+    async def add_connection(self, record: ConnectionRecord) -> None:
+        self._connections[record.id] = record
+        self._filters_of.setdefault(record.id, set())
+
+    async def remove_connection(self, connection_id: str) -> None:
+        self._connections.pop(connection_id, None)
+        filters = self._filters_of.pop(connection_id, set())
+        self._subscribers_of.subtract(filters)
+        self._drop_zero_counts(filters)
+
+    async def add_subscriptions(
+        self, connection_id: str, topic_filters: Iterable[str]
+    ) -> None:
+        held = self._filters_of.get(connection_id)
+        if held is None:
+            return
+        new = set(topic_filters) - held
+        held |= new
+        self._subscribers_of.update(new)
+
+    async def remove_subscriptions(
+        self, connection_id: str, topic_filters: Iterable[str]
+    ) -> None:
+        held = self._filters_of.get(connection_id)
+        if held is None:
+            return
+        gone = held & set(topic_filters)
+        held -= gone
+        self._subscribers_of.subtract(gone)
+        self._drop_zero_counts(gone)
+
+    def _drop_zero_counts(self, filters: Iterable[str]) -> None:
+        for name in filters:
+            if self._subscribers_of[name] <= 0:
+                del self._subscribers_of[name]
+
+    async def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def topic_stats(self) -> list[TopicStats]:
+        names = set(self._subscribers_of) | set(self._last_offset)
+        return [
+            TopicStats(
+                name,
+                subscribers=self._subscribers_of.get(name, 0),
+                last_offset=self._last_offset.get(name, 0),
+            )
+            for name in sorted(names)
+        ]

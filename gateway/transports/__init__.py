@@ -1,0 +1,1 @@
+"""Transports: how events leave the gateway (WebSocket push; polling and MQTT later)."""

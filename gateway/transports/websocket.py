@@ -1,0 +1,636 @@
+"""The WebSocket endpoint ``/ws``, as a uvicorn protocol class.
+
+uvicorn hands every upgrade request to this class instead of its own WebSocket
+implementation. Frames are parsed by the websockets Sans-I/O core; the gateway's
+JSON protocol runs in the protocol's callbacks, and delivery writes the frame that
+was encoded once per event straight to each socket. That skips the per-subscriber
+cost of an ASGI message, a coroutine and per-connection framing, which is what lets
+one process push as fast as a bare ``websockets.broadcast`` server, and it keeps an
+idle connection free of any task. Starlette still serves every HTTP route.
+
+Close codes the gateway sends (``docs/protocol.md`` lists them for clients):
+
+- 1000 normal closure, 1001 the replica is shutting down (reconnect elsewhere);
+- 1007 a text message that is not UTF-8, 1008 too many messages per second,
+  1009 a message over ``max_frame_bytes``, 1011 the gateway failed;
+- 1013 the client read too slowly and its outbound buffer passed its cap
+  (reconnect and resume from the last offset seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from gateway.errors import ClientError, LimitExceeded
+from gateway.events.envelope import Event
+from gateway.state.base import ConnectionRecord
+from gateway.transports.messages import (
+    Ping,
+    Subscribe,
+    Unsubscribe,
+    control_frame,
+    error_frame,
+    parse_operation,
+)
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
+    "CLOSE_INVALID_DATA",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_TOO_BIG",
+    "CLOSE_TRY_AGAIN_LATER",
+    "WebSocketProtocol",
+]
+
+logger = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_ABNORMAL = 1006
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+#: The path of the endpoint; other upgrade requests get 404.
+PATH = "/ws"
+#: Messages received but not handled yet before reading from the socket pauses.
+_INBOX_HIGH = 8
+#: Live events held for one topic while its history is replayed, before the
+#: connection counts as too slow.
+_HOLD_LIMIT = 10_000
+_SERVER_HEADER = "notification-gateway"
+
+
+class _QuietCore(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The Sans-I/O core's log, with its per-connection INFO lines moved to DEBUG.
+
+    The core announces every opened connection at INFO; the gateway logs its own
+    line with the connection id instead.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(min(level, logging.DEBUG), msg, *args, **kwargs)
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_core_logger = _QuietCore(logging.getLogger(__name__ + ".core"))
+
+
+class _State(enum.IntEnum):
+    CONNECTING = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class WebSocketProtocol(asyncio.Protocol):
+    """One WebSocket connection, from the upgrade request to the socket's end.
+
+    uvicorn creates it with its config and server state; the gateway's runtime
+    comes from the application's lifespan state. Callbacks run on the event loop;
+    the only task a connection owns is the one that handles its pending messages,
+    and it exists only while there are some.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        runtime: Runtime = app_state["gateway"]
+        settings = runtime.settings
+        self.runtime = runtime
+        self.loop = _loop or asyncio.get_running_loop()
+        # uvicorn's set of open connections: at shutdown it calls shutdown() on
+        # each member and waits for the set to empty.
+        self._server_connections: set[Any] = server_state.connections
+        # The Sans-I/O WebSocket core: parses frames, enforces the size limit on
+        # whole messages (fragments included) and answers pings.
+        self.conn = ServerProtocol(
+            max_size=settings.max_frame_bytes,
+            logger=_core_logger,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.state = _State.CONNECTING
+        self.id = ""
+        self.peer = ""
+        self.opened_at = 0.0
+        self.close_code = CLOSE_ABNORMAL
+        self.close_reason = ""
+        # Topic filters this connection holds, in the router and the backend.
+        self.filters: set[str] = set()
+        # Topic name to live events held back while that topic's history is
+        # replayed; None when no replay is running (the common case).
+        self._hold: dict[str, list[Event]] | None = None
+        # Text messages waiting for the handler task, which runs only while
+        # this is not empty; reading pauses while it is long.
+        self._inbox: deque[str] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        # Fragments of a message being received, and whether it is text.
+        self._fragments: list[bytes | bytearray | memoryview] = []
+        self._fragment_is_text = False
+        # Token bucket for inbound messages: a burst of twice the rate, refilled
+        # continuously.
+        self._rate = settings.max_messages_per_second
+        self._tokens = 2 * self._rate
+        self._tokens_at = 0.0
+        # Keepalive: one timer that either sends a ping or, if the previous one
+        # went unanswered for a whole interval, aborts the dead connection.
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_unanswered = False
+        # Aborts the transport if the peer never answers our close frame.
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._max_buffer = settings.max_buffer_bytes
+        # Set once the connection has left the router and the registry.
+        self._detached = False
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._server_connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.receive_data(data)
+        for event in conn.events_received():
+            if isinstance(event, Request):
+                self._handshake(event)
+            elif isinstance(event, Frame) and self.state is _State.OPEN:
+                self._on_frame(event)
+        self._flush()
+        if conn.parser_exc is not None and self.state is _State.OPEN:
+            # The core refused the input (too big, bad framing, bad UTF-8 in a
+            # close frame) and has already queued its close frame.
+            sent = conn.close_sent
+            self._note_close(
+                sent.code if sent else CLOSE_ABNORMAL, str(conn.parser_exc)
+            )
+            logger.debug("connection %s: protocol error: %s", self.id, conn.parser_exc)
+            self._closing()
+        # The closing handshake is over (or the core gave up on the peer): close
+        # the TCP connection once what is queued has been written.
+        finished = conn.close_sent is not None and conn.close_rcvd is not None
+        if (finished or conn.parser_exc is not None) and self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server_connections.discard(self)
+        for timer in (self._ping_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.state in (_State.OPEN, _State.CLOSING):
+            self._detach()
+            duration = time.monotonic() - self.opened_at
+            self.runtime.metrics.closes.labels(str(self.close_code)).inc()
+            logger.info(
+                "connection %s closed: code %d %s, %.1f s",
+                self.id,
+                self.close_code,
+                self.close_reason or "-",
+                duration,
+                extra={"connection_id": self.id, "close_code": self.close_code},
+            )
+        self.state = _State.CLOSED
+
+    def pause_writing(self) -> None:
+        # Flow control is the outbound buffer cap checked on every write.
+        return None
+
+    def resume_writing(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        """Close for a replica shutdown (uvicorn calls it on SIGTERM)."""
+        if self.state is _State.OPEN:
+            self.close(CLOSE_GOING_AWAY, "server shutting down")
+        elif self.state is _State.CONNECTING and self.transport is not None:
+            self.transport.close()
+
+    # Handshake
+
+    def _handshake(self, request: Request) -> None:
+        conn = self.conn
+        path = request.path.partition("?")[0]
+        if path != PATH:
+            response = conn.reject(404, f"no WebSocket endpoint here; use {PATH}\n")
+        elif self.runtime.draining:
+            response = conn.reject(503, "server shutting down; reconnect elsewhere\n")
+        else:
+            # No extensions are offered back: events are sent uncompressed so that
+            # one encoded frame serves every subscriber (docs/protocol.md).
+            response = conn.accept(request)
+        response.headers["Server"] = _SERVER_HEADER
+        conn.send_response(response)
+        if response.status_code != 101:
+            logger.debug(
+                "refused WebSocket upgrade from %s to %s: %d",
+                self.peer,
+                path,
+                response.status_code,
+            )
+            self._flush()
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self._open()
+
+    def _open(self) -> None:
+        runtime = self.runtime
+        settings = runtime.settings
+        self.state = _State.OPEN
+        self.id = uuid.uuid4().hex
+        self.opened_at = time.monotonic()
+        self._tokens_at = self.opened_at
+        runtime.metrics.connections.inc()
+        self._flush()
+        self._write(
+            control_frame(
+                "welcome",
+                connectionId=self.id,
+                replica=settings.replica,
+                pingInterval=settings.ping_interval,
+                limits={
+                    "maxFrameBytes": settings.max_frame_bytes,
+                    "maxSubscriptions": settings.max_subscriptions,
+                    "maxMessagesPerSecond": settings.max_messages_per_second,
+                    "maxBufferBytes": settings.max_buffer_bytes,
+                },
+            )
+        )
+        self._ping_timer = self.loop.call_later(settings.ping_interval, self._keepalive)
+        record = ConnectionRecord(
+            self.id, settings.replica, "websocket", None, time.time()
+        )
+        # Registration runs first in the handler task, so that every operation
+        # the client sends finds its connection registered.
+        self._worker = self.loop.create_task(
+            self._work(runtime.backend.add_connection(record))
+        )
+        logger.info(
+            "connection %s opened from %s",
+            self.id,
+            self.peer,
+            extra={"connection_id": self.id, "transport": "websocket"},
+        )
+
+    # Inbound frames
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self._fragments = [frame.data]
+            self._fragment_is_text = opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            self._fragments.append(frame.data)
+        elif opcode is Opcode.PONG:
+            self._ping_unanswered = False
+            return
+        elif opcode is Opcode.CLOSE:
+            received = self.conn.close_rcvd
+            self._note_close(
+                received.code if received else CLOSE_NORMAL,
+                received.reason if received else "",
+            )
+            self._closing()
+            return
+        else:
+            # A ping: the core has already queued the pong.
+            return
+        if not frame.fin:
+            return
+        data = b"".join(self._fragments)
+        self._fragments = []
+        if not self._take_token():
+            logger.debug("connection %s: over the message rate", self.id)
+            self._client_error("rate_limited")
+            self.close(CLOSE_POLICY_VIOLATION, "too many messages per second")
+            return
+        if not self._fragment_is_text:
+            self._client_error("binary_frame")
+            self._write(
+                error_frame(
+                    "binary_frame", "binary messages are not accepted; send JSON text"
+                )
+            )
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            logger.debug("connection %s: text message is not UTF-8", self.id)
+            self._client_error("invalid_utf8")
+            self.close(CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+            return
+        self._inbox.append(text)
+        if len(self._inbox) >= _INBOX_HIGH and not self._reading_paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._reading_paused = True
+        if self._worker is None:
+            self._worker = self.loop.create_task(self._work(None))
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(
+            2 * self._rate, self._tokens + (now - self._tokens_at) * self._rate
+        )
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _work(self, first: Any) -> None:
+        """Handle pending messages in order; end when none are left."""
+        try:
+            if first is not None:
+                await first
+            while self._inbox and self.state is _State.OPEN:
+                await self._handle(self._inbox.popleft())
+                if self._reading_paused and len(self._inbox) < _INBOX_HIGH // 2:
+                    assert self.transport is not None
+                    self.transport.resume_reading()
+                    self._reading_paused = False
+        except Exception:
+            logger.exception("connection %s: handler failed", self.id)
+            self.close(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            self._worker = None
+
+    async def _handle(self, text: str) -> None:
+        settings = self.runtime.settings
+        try:
+            operation = parse_operation(
+                text,
+                max_subscriptions=settings.max_subscriptions,
+                max_topic_length=settings.max_topic_length,
+                max_topic_depth=settings.max_topic_depth,
+            )
+            if isinstance(operation, Subscribe):
+                await self._subscribe(operation)
+            elif isinstance(operation, Unsubscribe):
+                await self._unsubscribe(operation)
+            elif isinstance(operation, Ping):
+                self._write(control_frame("pong", ref=operation.ref))
+        except ClientError as exc:
+            logger.debug("connection %s: %s: %s", self.id, exc.code, exc)
+            self._client_error(exc.code)
+            self._write(error_frame(exc.code, str(exc), _ref_of(text)))
+
+    # Operations
+
+    async def _subscribe(self, operation: Subscribe) -> None:
+        runtime = self.runtime
+        new = [f for f in operation.filters if f not in self.filters]
+        limit = runtime.settings.max_subscriptions
+        if len(self.filters) + len(new) > limit:
+            raise LimitExceeded(f"a connection may hold at most {limit} subscriptions")
+        if operation.offsets:
+            # Live events for the resumed topics wait here until their history
+            # has been replayed, so that nothing arrives twice or out of order.
+            hold = self._hold if self._hold is not None else {}
+            for topic in operation.offsets:
+                hold.setdefault(topic, [])
+            self._hold = hold
+        for topic_filter in new:
+            self.filters.add(topic_filter)
+            runtime.router.add(self, topic_filter)
+        runtime.metrics.subscriptions.inc(len(new))
+        for topic_filter in new:
+            await runtime.backend.watch(topic_filter)
+        self._write(
+            control_frame(
+                "subscribed", topics=list(operation.filters), ref=operation.ref
+            )
+        )
+        await runtime.backend.add_subscriptions(self.id, new)
+        for topic, after in operation.offsets.items():
+            await self._replay(topic, after)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connection %s subscribed to %s", self.id, operation.filters)
+
+    async def _replay(self, topic: str, after: int) -> None:
+        """Send what ``topic`` had after ``after``, then the live events held."""
+        history = self.runtime.settings.history_size
+        read = await self.runtime.backend.read_history(topic, after, history)
+        if read.first_offset > after + 1:
+            self._write(
+                control_frame(
+                    "gap",
+                    topic=topic,
+                    fromOffset=after + 1,
+                    toOffset=read.first_offset - 1,
+                    message="events in this range are no longer kept",
+                )
+            )
+        last = after
+        for event in read.events:
+            self._write(event.frame)
+            last = event.offset
+        held = self._hold.pop(topic, []) if self._hold is not None else []
+        if self._hold is not None and not self._hold:
+            self._hold = None
+        for event in held:
+            if event.offset > last:
+                self._write(event.frame)
+
+    async def _unsubscribe(self, operation: Unsubscribe) -> None:
+        runtime = self.runtime
+        gone = [f for f in operation.filters if f in self.filters]
+        for topic_filter in gone:
+            self.filters.discard(topic_filter)
+            runtime.router.remove(self, topic_filter)
+        runtime.metrics.subscriptions.dec(len(gone))
+        self._write(
+            control_frame(
+                "unsubscribed", topics=list(operation.filters), ref=operation.ref
+            )
+        )
+        await runtime.backend.remove_subscriptions(self.id, gone)
+        for topic_filter in gone:
+            await runtime.backend.unwatch(topic_filter)
+
+    # Outbound
+
+    def deliver(self, event: Event) -> None:
+        """Send one live event (the router calls this for every match)."""
+        hold = self._hold
+        if hold is not None:
+            held = hold.get(event.topic)
+            if held is not None:
+                held.append(event)
+                if len(held) > _HOLD_LIMIT:
+                    self._too_slow()
+                return
+        self._write(event.frame)
+
+    def _write(self, data: bytes) -> None:
+        if self.state is not _State.OPEN:
+            return
+        transport = self.transport
+        assert transport is not None
+        if transport.get_write_buffer_size() > self._max_buffer:
+            self._too_slow()
+            return
+        transport.write(data)
+
+    def _too_slow(self) -> None:
+        self.runtime.metrics.slow_consumer_closes.inc()
+        logger.warning(
+            "connection %s is reading too slowly: closing it with %d",
+            self.id,
+            CLOSE_TRY_AGAIN_LATER,
+            extra={"connection_id": self.id},
+        )
+        self.close(CLOSE_TRY_AGAIN_LATER, "outbound buffer full; resume from offset")
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for chunk in self.conn.data_to_send():
+            if chunk:
+                transport.write(chunk)
+
+    def _client_error(self, code: str) -> None:
+        self.runtime.metrics.client_errors.labels(code).inc()
+
+    # Closing
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; abort if the peer does not finish it.
+
+        Safe to call in any state; only the first call has an effect.
+        """
+        if self.state is not _State.OPEN:
+            return
+        self._note_close(code, reason)
+        self.conn.send_close(code, reason)
+        self._flush()
+        self._closing()
+
+    def _note_close(self, code: int, reason: str) -> None:
+        self.close_code = code
+        self.close_reason = reason
+
+    def _closing(self) -> None:
+        """Leave the routing table at once and give the peer a moment to reply."""
+        self.state = _State.CLOSING
+        self._detach()
+        if self._reading_paused and self.transport is not None:
+            # The peer's close reply must be read to finish the handshake.
+            self.transport.resume_reading()
+            self._reading_paused = False
+        self._close_timer = self.loop.call_later(
+            self.runtime.settings.close_timeout, self._abort
+        )
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _detach(self) -> None:
+        """Remove the connection from the router now and from the backend soon."""
+        if self._detached:
+            return
+        self._detached = True
+        runtime = self.runtime
+        filters = list(self.filters)
+        self.filters.clear()
+        runtime.router.remove_all(self, filters)
+        runtime.metrics.subscriptions.dec(len(filters))
+        runtime.metrics.connections.dec()
+        self._hold = None
+        worker = self._worker
+        if worker is not None:
+            worker.cancel()
+        runtime.spawn(
+            _unregister(runtime, self.id, filters, worker),
+            f"unregistering connection {self.id}",
+        )
+
+    # Keepalive
+
+    def _keepalive(self) -> None:
+        self._ping_timer = None
+        if self.state is not _State.OPEN:
+            return
+        if self._ping_unanswered:
+            logger.info(
+                "connection %s: no pong within %.1f s, dropping it",
+                self.id,
+                self.runtime.settings.ping_interval,
+                extra={"connection_id": self.id},
+            )
+            self._note_close(CLOSE_ABNORMAL, "keepalive timeout")
+            self.state = _State.CLOSING
+            self._detach()
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        self._ping_unanswered = True
+        self.conn.send_ping(os.urandom(4))
+        self._flush()
+        self._ping_timer = self.loop.call_later(
+            self.runtime.settings.ping_interval, self._keepalive
+        )
+
+
+async def _unregister(
+    runtime: Runtime,
+    connection_id: str,
+    filters: list[str],
+    worker: asyncio.Task[None] | None,
+) -> None:
+    # Let a cancelled handler finish first, so that a registration it was
+    # making cannot land after the removal.
+    if worker is not None:
+        await asyncio.wait([worker])
+    backend = runtime.backend
+    await backend.remove_connection(connection_id)
+    for topic_filter in filters:
+        await backend.unwatch(topic_filter)
+
+
+def _ref_of(text: str) -> str | int | None:
+    # The error frame echoes the client's ref when the message had a valid one.
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    ref = message.get("ref") if isinstance(message, dict) else None
+    return ref if isinstance(ref, str | int) and not isinstance(ref, bool) else None
