@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import resource
 import signal
 from types import FrameType
 
@@ -44,8 +45,30 @@ class GatewayServer(uvicorn.Server):
             self.should_exit = True
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one; return the new limit.
+
+    Every WebSocket connection holds a file descriptor, and the usual soft limit
+    of 1,024 would cap a replica far below what it can serve.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open files limit: %s", exc)
+    return soft
+
+
 def build_server(settings: Settings) -> GatewayServer:
     """Wire backend, runtime, application and uvicorn from the settings."""
+    limit = raise_open_files_limit()
+    logger.info(
+        "starting with %s, open files limit %d",
+        settings.model_dump(exclude={"api_key"}),
+        limit,
+    )
     runtime = Runtime(settings, MemoryBackend(history_size=settings.history_size))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     config = uvicorn.Config(

@@ -1,0 +1,1 @@
+"""Event producers that feed the gateway through its public ingress."""
