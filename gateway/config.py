@@ -48,6 +48,23 @@ class Settings(BaseSettings):
         description="Name of this gateway process in logs and the registry "
         "(default: host name and process id).",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Redis to share state with other replicas, such as "
+        "redis://127.0.0.1:6379/0; in-memory state when unset.",
+    )
+    redis_prefix: str = Field(
+        "gateway:",
+        min_length=1,
+        max_length=64,
+        description="Put before every Redis key and channel name.",
+    )
+    record_ttl: float = Field(
+        30.0,
+        ge=1.0,
+        description="Seconds a connection record lives in Redis unless its replica "
+        "refreshes it (every third of this).",
+    )
     max_frame_bytes: int = Field(
         65536,
         ge=1024,
@@ -101,6 +118,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds SIGTERM waits for clients to leave before aborting.",
     )
+
+    def loggable(self) -> dict[str, Any]:
+        """The settings without secrets: no API key, no password in the Redis URL."""
+        values = self.model_dump(exclude={"api_key"})
+        if self.redis_url:
+            scheme, _, rest = self.redis_url.partition("://")
+            values["redis_url"] = f"{scheme}://{rest.rpartition('@')[2]}"
+        return values
 
 
 class SettingsError(ValueError):

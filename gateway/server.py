@@ -13,7 +13,9 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.runtime import Runtime
+from gateway.state.base import StateBackend
 from gateway.state.memory import MemoryBackend
+from gateway.state.redis import RedisBackend
 from gateway.transports.websocket import WebSocketProtocol
 
 __all__ = ["GatewayServer", "build_server"]
@@ -61,15 +63,28 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def make_backend(settings: Settings) -> StateBackend:
+    """The Redis backend when a URL is set, else the in-memory one."""
+    if settings.redis_url is None:
+        return MemoryBackend(history_size=settings.history_size)
+    return RedisBackend(
+        settings.redis_url,
+        replica=settings.replica,
+        prefix=settings.redis_prefix,
+        history_size=settings.history_size,
+        record_ttl=settings.record_ttl,
+    )
+
+
 def build_server(settings: Settings) -> GatewayServer:
     """Wire backend, runtime, application and uvicorn from the settings."""
     limit = raise_open_files_limit()
     logger.info(
         "starting with %s, open files limit %d",
-        settings.model_dump(exclude={"api_key"}),
+        settings.loggable(),
         limit,
     )
-    runtime = Runtime(settings, MemoryBackend(history_size=settings.history_size))
+    runtime = Runtime(settings, make_backend(settings))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     config = uvicorn.Config(
         create_app(runtime),

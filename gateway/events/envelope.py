@@ -23,7 +23,10 @@ from gateway.events.topics import validate_topic
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
     "Draft",
+    "Encoded",
     "Event",
+    "decode_event",
+    "encode",
     "parse_drafts",
     "stamp",
     "validate_draft",
@@ -174,33 +177,47 @@ def _iso(timestamp: float) -> str:
     )
 
 
-def stamp(
-    draft: Draft,
-    offset: int,
-    *,
-    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    event_id: str | None = None,
-    published_at: float | None = None,
-) -> Event:
-    """Give a draft its id, offset and publish time, and encode it once.
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """An envelope encoded around the one field not known yet: its offset.
+
+    A backend that hands out offsets elsewhere (inside Redis) joins ``head``, the
+    offset's digits and ``tail``; the bytes are the same as ``stamp`` makes.
+    """
+
+    topic: str
+    id: str
+    published_at: float
+    head: bytes
+    tail: bytes
+
+    def with_offset(self, offset: int) -> Event:
+        """The complete event at ``offset``."""
+        payload = b"%b%d%b" % (self.head, offset, self.tail)
+        return Event(
+            self.topic, offset, self.id, self.published_at, payload, text_frame(payload)
+        )
+
+
+# Room kept for the offset's digits when checking an event's size.
+_OFFSET_DIGITS = 20
+
+
+def encode(draft: Draft, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Encoded:
+    """Give a draft its id and publish time and encode it, offset left out.
 
     Args:
         draft: the validated envelope.
-        offset: its position in the topic's history.
-        max_bytes: largest accepted encoded event, in bytes.
-        event_id: reuse this id instead of making one (a replayed event).
-        published_at: reuse this time, in seconds since the epoch.
+        max_bytes: largest accepted encoded event, in bytes, offset included.
 
     Raises:
-        TooLarge: the encoded event is longer than ``max_bytes``.
+        TooLarge: the encoded event would be longer than ``max_bytes``.
     """
-    event_id = event_id or uuid.uuid4().hex
-    published_at = time.time() if published_at is None else published_at
-    payload = orjson.dumps(
+    event_id = uuid.uuid4().hex
+    published_at = time.time()
+    head = b'{"type":"event","topic":%b,"offset":' % orjson.dumps(draft.topic)
+    rest = orjson.dumps(
         {
-            "type": "event",
-            "topic": draft.topic,
-            "offset": offset,
             "id": event_id,
             "publishedAt": _iso(published_at),
             "eventSource": draft.source,
@@ -208,11 +225,43 @@ def stamp(
             "eventDetails": draft.details,
         }
     )
-    if len(payload) > max_bytes:
+    tail = b"," + rest[1:]
+    size = len(head) + len(tail) + _OFFSET_DIGITS
+    if size > max_bytes:
         raise TooLarge(
-            f"event for {draft.topic!r} is {len(payload)} bytes encoded, "
+            f"event for {draft.topic!r} is {size} bytes encoded, "
             f"over the limit of {max_bytes}"
         )
-    return Event(
-        draft.topic, offset, event_id, published_at, payload, text_frame(payload)
-    )
+    return Encoded(draft.topic, event_id, published_at, head, tail)
+
+
+def stamp(
+    draft: Draft, offset: int, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> Event:
+    """Give a draft its id, offset and publish time, and encode it once.
+
+    Raises:
+        TooLarge: the encoded event is longer than ``max_bytes``.
+    """
+    return encode(draft, max_bytes=max_bytes).with_offset(offset)
+
+
+def decode_event(payload: bytes) -> Event:
+    """Rebuild an event from its encoded payload, as stored or relayed.
+
+    Raises:
+        ValueError: the payload is not an event the gateway encoded.
+    """
+    body = orjson.loads(payload)
+    try:
+        published = datetime.fromisoformat(body["publishedAt"]).timestamp()
+        return Event(
+            body["topic"],
+            int(body["offset"]),
+            body["id"],
+            published,
+            payload,
+            text_frame(payload),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a gateway event: {exc}") from exc

@@ -1,0 +1,575 @@
+"""The Redis backend: many replicas sharing registry, history and fan-out.
+
+Keys, with the configured prefix ``P`` (``gateway:`` by default); the braces are Redis
+Cluster hash tags, so every key of one topic lives in one slot:
+
+- ``P{topic}:seq``      the topic's last offset (a counter);
+- ``P{topic}:history``  a capped stream whose entry ids are ``0-<offset>``;
+- ``P{topic}:events``   the pub/sub channel of the topic's events;
+- ``Pconn:<id>``        a hash per connection (replica, transport, user, connected
+  at), expiring unless its replica refreshes it;
+- ``Pconn:<id>:filters`` the connection's topic filters, expiring likewise;
+- ``Pconnections``      sorted set of connection ids scored by expiry time;
+- ``Psubs:<filter>``    sorted set of the connection ids holding a filter, scored by
+  expiry time, so a crashed replica's members stop counting once they expire.
+
+Publishing runs one script that takes the next offset, appends to the history and
+publishes on the channel, atomically: no subscriber can see an event live and miss it
+on resume, or the reverse. Each replica subscribes only to the channels (exact
+filters) and patterns (wildcard filters) that its own clients need.
+
+If Redis loses its data (a restart without persistence), offsets must not start over
+under clients that remember later ones: each replica remembers the last offset it saw
+per topic and passes it to the script as a floor, and writes it back when Redis
+returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.errors import Unavailable
+from gateway.events.envelope import Draft, Event, decode_event, encode
+from gateway.events.topics import filter_matches, is_wildcard
+from gateway.state.base import ConnectionRecord, HistoryRead, StateBackend, TopicStats
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
+
+# KEYS: seq and history key of each event, in order. ARGV: the history cap, then per
+# event the offset floor, the channel, and the payload around its offset.
+_PUBLISH = """
+local cap = ARGV[1]
+local offsets = {}
+for i = 1, #KEYS / 2 do
+  local arg = 2 + (i - 1) * 4
+  local offset = redis.call('INCR', KEYS[2 * i - 1])
+  local floor = tonumber(ARGV[arg])
+  if offset <= floor then
+    offset = floor + 1
+    redis.call('SET', KEYS[2 * i - 1], offset)
+  end
+  local payload = ARGV[arg + 2] .. offset .. ARGV[arg + 3]
+  redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', cap, '0-' .. offset, 'e', payload)
+  redis.call('PUBLISH', ARGV[arg + 1], payload)
+  offsets[i] = offset
+end
+return offsets
+"""
+
+# KEYS[1]: a topic's seq key. ARGV[1]: an offset the topic is known to have reached.
+_RAISE_FLOOR = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return current
+"""
+
+
+def _glob(topic_filter: str) -> str:
+    """A Redis glob matching at least the topics a wildcard filter matches.
+
+    Redis globs have no one-level wildcard, so ``+`` becomes ``*`` too; the router
+    drops what the glob lets through but the filter does not match. Topic names
+    hold no glob metacharacter, so nothing needs escaping.
+    """
+    levels = topic_filter.split("/")
+    if levels[-1] == "#":
+        # '#' also matches the parent level itself: 'a/#' matches 'a'.
+        prefix = "/".join("*" if level == "+" else level for level in levels[:-1])
+        return f"{prefix}*" if prefix else "*"
+    return "/".join("*" if level == "+" else level for level in levels)
+
+
+class RedisBackend(StateBackend):
+    """State in one Redis server, shared by every replica that names it."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        replica: str,
+        prefix: str = "gateway:",
+        history_size: int = 1000,
+        record_ttl: float = 30.0,
+        retry_interval: float = 0.5,
+    ) -> None:
+        """Create a backend; nothing connects before ``start``.
+
+        Args:
+            url: a ``redis://`` or ``rediss://`` URL.
+            replica: this replica's name, written in its connection records.
+            prefix: put before every key and channel name.
+            history_size: events kept per topic (approximately, at least this).
+            record_ttl: seconds a connection record lives unless refreshed; the
+                replica refreshes every third of it.
+            retry_interval: seconds between attempts while Redis is unreachable.
+        """
+        super().__init__()
+        self._url = url
+        self._replica = replica
+        self._prefix = prefix
+        self._history_size = history_size
+        self._record_ttl = record_ttl
+        self._retry_interval = retry_interval
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._publish_script: Any = None
+        self._floor_script: Any = None
+        # Whether the last Redis operation worked; /readyz reports it.
+        self._ready = False
+        # This replica's connections and their filters: written to Redis on every
+        # refresh, so they come back after Redis lost its data.
+        self._records: dict[str, ConnectionRecord] = {}
+        self._filters: dict[str, set[str]] = {}
+        # Filter to the number of local watchers; a filter is subscribed in Redis
+        # while its count is above zero.
+        self._watches: dict[str, int] = {}
+        # Channel or pattern to the future resolved when Redis confirms it.
+        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
+        # Per topic, the last offset passed to the listener: drops duplicates (an
+        # event that arrives through a channel and a pattern, or again during a
+        # catch-up). Both maps grow with the number of topics this replica meets.
+        self._delivered: dict[str, int] = {}
+        # Per topic, the highest offset this replica published or saw: the floor
+        # for new offsets if Redis lost its counters.
+        self._floor: dict[str, int] = {}
+        # Topics being caught up from history after a reconnect, with the live
+        # events that arrived meanwhile, released in order afterwards.
+        self._catching_up: dict[str, list[Event]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # Names
+
+    def _key(self, topic: str, kind: str) -> str:
+        return f"{self._prefix}{{{topic}}}:{kind}"
+
+    def _channel(self, topic_filter: str) -> str:
+        if is_wildcard(topic_filter):
+            return f"{self._prefix}{{{_glob(topic_filter)}}}:events"
+        return self._key(topic_filter, "events")
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        # No silent retries: a failed command must reach this backend, which
+        # answers 503 for publishes and reconnects its listener itself.
+        self._redis = aioredis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=5,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._floor_script = self._redis.register_script(_RAISE_FLOOR)
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise Unavailable(
+                f"redis at {self._safe_url()} unreachable: {exc}"
+            ) from exc
+        self._ready = True
+        self._pubsub = self._redis.pubsub()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(), name="redis listen"),
+            loop.create_task(self._refresh_loop(), name="redis refresh"),
+        ]
+        logger.info("connected to redis at %s", self._safe_url())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None and self._ready:
+            ids = list(self._records)
+            try:
+                await self._remove_records(ids)
+            except RedisError as exc:
+                logger.warning("could not remove connection records: %s", exc)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def _safe_url(self) -> str:
+        # Never log a password that the URL may carry.
+        scheme, _, rest = self._url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise Unavailable("redis backend not started")
+        return self._redis
+
+    # Publishing and history
+
+    async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
+        encoded = [encode(draft, max_bytes=max_bytes) for draft in drafts]
+        keys: list[str] = []
+        args: list[Any] = [self._history_size]
+        for item in encoded:
+            keys += [self._key(item.topic, "seq"), self._key(item.topic, "history")]
+            args += [
+                self._floor.get(item.topic, 0),
+                self._key(item.topic, "events"),
+                item.head,
+                item.tail,
+            ]
+        try:
+            offsets = await self._publish_script(keys=keys, args=args)
+        except RedisError as exc:
+            self._set_ready(False, exc)
+            raise Unavailable("redis unavailable; events not accepted") from exc
+        events = [
+            item.with_offset(int(n)) for item, n in zip(encoded, offsets, strict=True)
+        ]
+        for event in events:
+            self._raise_floor(event.topic, event.offset)
+        return events
+
+    def _raise_floor(self, topic: str, offset: int) -> None:
+        if offset > self._floor.get(topic, 0):
+            self._floor[topic] = offset
+
+    async def read_history(self, topic: str, after: int, limit: int) -> HistoryRead:
+        client = self._client()
+        history = self._key(topic, "history")
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xrange(history, min=f"(0-{after}", max="+", count=limit)
+                pipe.xrange(history, min="-", max="+", count=1)
+                pipe.get(self._key(topic, "seq"))
+                entries, first, last = await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable("redis unavailable; history not read") from exc
+        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        first_offset = _offset_of(first[0][0]) if first else 0
+        return HistoryRead(events, first_offset, int(last or 0))
+
+    # Cross-replica delivery
+
+    async def watch(self, topic_filter: str) -> None:
+        count = self._watches.get(topic_filter, 0)
+        self._watches[topic_filter] = count + 1
+        channel = self._channel(topic_filter).encode()
+        if count == 0:
+            self._confirmations[channel] = asyncio.get_running_loop().create_future()
+            await self._subscribe(topic_filter)
+        # Absent once Redis has confirmed: the listener removes it then.
+        future = self._confirmations.get(channel)
+        if future is not None:
+            # Wait for Redis to confirm, so that a history read that follows cannot
+            # miss an event published in between. If Redis is away, the reconnect
+            # subscribes again and catches up from history instead.
+            try:
+                await asyncio.wait_for(asyncio.shield(future), 5)
+            except TimeoutError:
+                logger.warning("no confirmation of %s from redis yet", channel)
+
+    async def unwatch(self, topic_filter: str) -> None:
+        count = self._watches.get(topic_filter, 0) - 1
+        if count > 0:
+            self._watches[topic_filter] = count
+            return
+        self._watches.pop(topic_filter, None)
+        channel = self._channel(topic_filter)
+        try:
+            if is_wildcard(topic_filter):
+                await self._pubsub.punsubscribe(channel)
+            else:
+                await self._pubsub.unsubscribe(channel)
+        except RedisError as exc:
+            # The listener resubscribes from _watches after a reconnect, and this
+            # filter is no longer there.
+            logger.debug("unsubscribe of %s failed: %s", channel, exc)
+
+    async def _subscribe(self, topic_filter: str) -> None:
+        channel = self._channel(topic_filter)
+        try:
+            if is_wildcard(topic_filter):
+                await self._pubsub.psubscribe(channel)
+            else:
+                await self._pubsub.subscribe(channel)
+        except RedisError as exc:
+            # The listener subscribes again to every watched filter once Redis is
+            # back; the confirmation arrives then.
+            logger.debug("subscribe to %s failed: %s", channel, exc)
+
+    async def _listen(self) -> None:
+        """Read pub/sub messages for ever, reconnecting after every failure."""
+        while True:
+            try:
+                await self._read_messages()
+            except (RedisError, OSError) as exc:
+                self._set_ready(False, exc)
+            except asyncio.CancelledError:
+                raise
+            await asyncio.sleep(self._retry_interval)
+            await self._reconnect()
+
+    async def _read_messages(self) -> None:
+        pubsub = self._pubsub
+        while True:
+            if not pubsub.subscribed:
+                # redis-py returns at once when nothing is subscribed yet.
+                await asyncio.sleep(0.05)
+                continue
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None:
+                self._on_message(message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in ("subscribe", "psubscribe"):
+            # For both kinds redis-py puts the channel or pattern in "channel".
+            future = self._confirmations.pop(message["channel"], None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            return
+        if kind not in ("message", "pmessage"):
+            return
+        try:
+            event = decode_event(message["data"])
+        except ValueError:
+            logger.warning("dropped a malformed message on %s", message["channel"])
+            return
+        held = self._catching_up.get(event.topic)
+        if held is not None:
+            held.append(event)
+            return
+        self._pass(event)
+
+    def _pass(self, event: Event) -> None:
+        """Hand an event to the listener unless it was handed over already."""
+        self._raise_floor(event.topic, event.offset)
+        if event.offset <= self._delivered.get(event.topic, 0):
+            return
+        self._delivered[event.topic] = event.offset
+        if self._listener is not None:
+            self._listener(event)
+
+    async def _catch_up(self) -> None:
+        """Deliver from history what watched topics got while Redis was away."""
+        topics = [
+            topic
+            for topic in self._delivered
+            if any(filter_matches(f, topic) for f in self._watches)
+        ]
+        for topic in topics:
+            self._catching_up[topic] = []
+        try:
+            for topic in topics:
+                after = self._delivered.get(topic, 0)
+                read = await self.read_history(topic, after, self._history_size)
+                for event in read.events:
+                    self._pass(event)
+                for event in self._catching_up.pop(topic, []):
+                    self._pass(event)
+        finally:
+            for topic in topics:
+                for event in self._catching_up.pop(topic, []):
+                    self._pass(event)
+
+    async def _reconnect(self) -> None:
+        """Subscribe again to every watched filter and write the records back."""
+        try:
+            await self._client().ping()
+            old = self._pubsub
+            self._pubsub = self._client().pubsub()
+            await old.aclose()
+            loop = asyncio.get_running_loop()
+            pending = []
+            for topic_filter in list(self._watches):
+                channel = self._channel(topic_filter).encode()
+                future = self._confirmations[channel] = loop.create_future()
+                pending.append(future)
+                await self._subscribe(topic_filter)
+            await self._restore_floors()
+            await self._write_records()
+        except (RedisError, OSError) as exc:
+            self._set_ready(False, exc)
+            return
+        self._set_ready(True)
+        # Catching up needs the listener reading, which starts when this returns.
+        task = asyncio.get_running_loop().create_task(
+            self._catch_up_when_confirmed(pending)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _catch_up_when_confirmed(
+        self, pending: list[asyncio.Future[None]]
+    ) -> None:
+        try:
+            if pending:
+                await asyncio.wait_for(asyncio.gather(*pending), 5)
+            await self._catch_up()
+        except (RedisError, OSError, TimeoutError, Unavailable) as exc:
+            # The listener fails as well and reconnects, which catches up again.
+            logger.warning("catching up after a reconnect failed: %s", exc)
+
+    async def _restore_floors(self) -> None:
+        # After Redis lost its data, the counters start again from what this
+        # replica last saw, never below.
+        for topic, offset in list(self._floor.items()):
+            await self._floor_script(keys=[self._key(topic, "seq")], args=[offset])
+
+    def _set_ready(self, ready: bool, exc: BaseException | None = None) -> None:
+        if ready and not self._ready:
+            logger.warning("redis at %s is back", self._safe_url())
+        elif not ready and self._ready:
+            logger.warning("redis at %s unreachable: %s", self._safe_url(), exc)
+        self._ready = ready
+
+    # Registry
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._record_ttl / 3)
+            try:
+                await self._write_records()
+            except (RedisError, OSError) as exc:
+                self._set_ready(False, exc)
+
+    async def _write_records(self, ids: Iterable[str] | None = None) -> None:
+        """Write (or write again) this replica's records with a fresh expiry."""
+        chosen = list(self._records) if ids is None else list(ids)
+        if not chosen:
+            return
+        expiry = time.time() + self._record_ttl
+        ttl = int(self._record_ttl) + 1
+        async with self._client().pipeline(transaction=False) as pipe:
+            for connection_id in chosen:
+                record = self._records.get(connection_id)
+                if record is None:
+                    continue
+                key = f"{self._prefix}conn:{connection_id}"
+                pipe.hset(
+                    key,
+                    mapping={
+                        "replica": record.replica,
+                        "transport": record.transport,
+                        "user": record.user or "",
+                        "connected_at": record.connected_at,
+                    },
+                )
+                pipe.expire(key, ttl)
+                pipe.zadd(f"{self._prefix}connections", {connection_id: expiry})
+                filters = self._filters.get(connection_id, set())
+                if filters:
+                    pipe.sadd(f"{key}:filters", *filters)
+                    pipe.expire(f"{key}:filters", ttl)
+                for topic_filter in filters:
+                    pipe.zadd(
+                        f"{self._prefix}subs:{topic_filter}", {connection_id: expiry}
+                    )
+            await pipe.execute()
+
+    async def _remove_records(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        async with self._client().pipeline(transaction=False) as pipe:
+            for connection_id in ids:
+                key = f"{self._prefix}conn:{connection_id}"
+                pipe.delete(key, f"{key}:filters")
+                pipe.zrem(f"{self._prefix}connections", connection_id)
+                for topic_filter in self._filters.get(connection_id, ()):
+                    pipe.zrem(f"{self._prefix}subs:{topic_filter}", connection_id)
+            await pipe.execute()
+
+    async def add_connection(self, record: ConnectionRecord) -> None:
+        self._records[record.id] = record
+        self._filters[record.id] = set()
+        await self._quietly(self._write_records([record.id]))
+
+    async def remove_connection(self, connection_id: str) -> None:
+        await self._quietly(self._remove_records([connection_id]))
+        self._records.pop(connection_id, None)
+        self._filters.pop(connection_id, None)
+
+    async def add_subscriptions(
+        self, connection_id: str, topic_filters: Iterable[str]
+    ) -> None:
+        held = self._filters.get(connection_id)
+        if held is None:
+            return
+        held.update(topic_filters)
+        await self._quietly(self._write_records([connection_id]))
+
+    async def remove_subscriptions(
+        self, connection_id: str, topic_filters: Iterable[str]
+    ) -> None:
+        held = self._filters.get(connection_id)
+        if held is None:
+            return
+        gone = held & set(topic_filters)
+        held -= gone
+        key = f"{self._prefix}conn:{connection_id}:filters"
+
+        async def remove() -> None:
+            async with self._client().pipeline(transaction=False) as pipe:
+                for topic_filter in gone:
+                    pipe.srem(key, topic_filter)
+                    pipe.zrem(f"{self._prefix}subs:{topic_filter}", connection_id)
+                await pipe.execute()
+
+        if gone:
+            await self._quietly(remove())
+
+    async def _quietly(self, work: Any) -> None:
+        # Registry writes are not worth failing a client for: while Redis is away
+        # the replica keeps serving, and the next refresh writes everything again.
+        try:
+            await work
+        except (RedisError, OSError) as exc:
+            self._set_ready(False, exc)
+
+    async def connection_count(self) -> int:
+        client = self._client()
+        key = f"{self._prefix}connections"
+        try:
+            await client.zremrangebyscore(key, "-inf", time.time())
+            return int(await client.zcard(key))
+        except RedisError as exc:
+            raise Unavailable("redis unavailable") from exc
+
+    async def topic_stats(self) -> list[TopicStats]:
+        client = self._client()
+        now = time.time()
+        stats: dict[str, TopicStats] = {}
+        try:
+            async for key in client.scan_iter(match=f"{self._prefix}subs:*", count=500):
+                name = key.decode()[len(self._prefix) + len("subs:") :]
+                count = int(await client.zcount(key, now, "+inf"))
+                if count:
+                    stats[name] = TopicStats(name, subscribers=count)
+            async for key in client.scan_iter(
+                match=f"{self._prefix}{{*}}:seq", count=500
+            ):
+                name = key.decode()[len(self._prefix) + 1 : -len("}:seq")]
+                last = int(await client.get(key) or 0)
+                stats.setdefault(name, TopicStats(name)).last_offset = last
+        except RedisError as exc:
+            raise Unavailable("redis unavailable") from exc
+        return [stats[name] for name in sorted(stats)]
+
+
+def _offset_of(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[1])
