@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -10,20 +11,55 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from support import Gateway, start_gateway
 
 RUN_ID = uuid.uuid4().hex[:8]
 
-#: The state backends every integration test runs against. The Redis backend
-#: joins this list when it exists (issue 3).
-BACKENDS = ["memory"]
+#: The state backends every integration test runs against.
+BACKENDS = ["memory", "redis"]
+#: The Redis the shared-Redis tests use; each test gets a key prefix of its own.
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """Name of the state backend under test."""
+def backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The state backend under test, passed to gateways through the environment.
+
+    For Redis, every gateway the test starts shares ``REDIS_URL`` under a key
+    prefix unique to the test, and the test's keys are deleted afterwards.
+    """
     name: str = request.param
-    return name
+    if name == "memory":
+        monkeypatch.delenv("GATEWAY_REDIS_URL", raising=False)
+        yield name
+        return
+    with _redis_for_test(monkeypatch):
+        yield name
+
+
+@pytest.fixture
+def shared_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Gateways started by the test share the machine's Redis; yields the prefix."""
+    with _redis_for_test(monkeypatch) as prefix:
+        yield prefix
+
+
+@contextlib.contextmanager
+def _redis_for_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    prefix = f"test:{RUN_ID}:{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("GATEWAY_REDIS_PREFIX", prefix)
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -45,6 +45,11 @@ from gateway.state.base import ConnectionRecord, HistoryRead, StateBackend, Topi
 __all__ = ["RedisBackend"]
 
 logger = logging.getLogger(__name__)
+
+#: Connections to Redis per replica, the pub/sub one included.
+_POOL_SIZE = 32
+#: Connection records deleted per pipeline.
+_REMOVAL_BATCH = 500
 
 # KEYS: seq and history key of each event, in order. ARGV: the history cap, then per
 # event the offset floor, the channel, and the payload around its offset.
@@ -148,8 +153,14 @@ class RedisBackend(StateBackend):
         # Topics being caught up from history after a reconnect, with the live
         # events that arrived meanwhile, released in order afterwards.
         self._catching_up: dict[str, list[Event]] = {}
+        # Per exact topic, its offset when this replica started watching it: where
+        # a catch-up starts if no event of it was delivered since.
+        self._watched_from: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Connections gone, with their filters, whose records await deletion.
+        self._removals: list[tuple[str, Iterable[str]]] = []
+        self._removal_task: asyncio.Task[None] | None = None
 
     # Names
 
@@ -165,14 +176,19 @@ class RedisBackend(StateBackend):
 
     async def start(self) -> None:
         # No silent retries: a failed command must reach this backend, which
-        # answers 503 for publishes and reconnects its listener itself.
-        self._redis = aioredis.Redis.from_url(
+        # answers 503 for publishes and reconnects its listener itself. The pool
+        # makes callers wait for a free connection rather than fail, so a burst
+        # of disconnects (a thousand clients gone at once) queues its writes.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self._url,
+            max_connections=_POOL_SIZE,
+            timeout=5,
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=5,
             retry=Retry(NoBackoff(), 0),
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._floor_script = self._redis.register_script(_RAISE_FLOOR)
         try:
@@ -194,10 +210,14 @@ class RedisBackend(StateBackend):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._removal_task is not None:
+            await self._removal_task
         if self._redis is not None and self._ready:
-            ids = list(self._records)
+            gone: list[tuple[str, Iterable[str]]] = [
+                (i, self._filters.get(i, set())) for i in self._records
+            ]
             try:
-                await self._remove_records(ids)
+                await self._remove_records(self._removals + gone)
             except RedisError as exc:
                 logger.warning("could not remove connection records: %s", exc)
         if self._pubsub is not None:
@@ -240,6 +260,7 @@ class RedisBackend(StateBackend):
         events = [
             item.with_offset(int(n)) for item, n in zip(encoded, offsets, strict=True)
         ]
+        self._set_ready(True)
         for event in events:
             self._raise_floor(event.topic, event.offset)
         return events
@@ -282,6 +303,19 @@ class RedisBackend(StateBackend):
                 await asyncio.wait_for(asyncio.shield(future), 5)
             except TimeoutError:
                 logger.warning("no confirmation of %s from redis yet", channel)
+                return
+        if not is_wildcard(topic_filter) and topic_filter not in self._delivered:
+            # Start counting at the topic's present offset, so that a catch-up
+            # after an outage replays only what came after this point.
+            try:
+                last = int(
+                    await self._client().get(self._key(topic_filter, "seq")) or 0
+                )
+            except RedisError as exc:
+                logger.debug("reading the offset of %s failed: %s", topic_filter, exc)
+                return
+            self._watched_from.setdefault(topic_filter, last)
+            self._raise_floor(topic_filter, last)
 
     async def unwatch(self, topic_filter: str) -> None:
         count = self._watches.get(topic_filter, 0) - 1
@@ -289,6 +323,7 @@ class RedisBackend(StateBackend):
             self._watches[topic_filter] = count
             return
         self._watches.pop(topic_filter, None)
+        self._watched_from.pop(topic_filter, None)
         channel = self._channel(topic_filter)
         try:
             if is_wildcard(topic_filter):
@@ -319,10 +354,12 @@ class RedisBackend(StateBackend):
                 await self._read_messages()
             except (RedisError, OSError) as exc:
                 self._set_ready(False, exc)
-            except asyncio.CancelledError:
-                raise
-            await asyncio.sleep(self._retry_interval)
-            await self._reconnect()
+            # Never read the failed connection again: redis-py would resubscribe
+            # it behind our back, and what was published meanwhile would be lost.
+            while True:
+                if await self._reconnect():
+                    break
+                await asyncio.sleep(self._retry_interval)
 
     async def _read_messages(self) -> None:
         pubsub = self._pubsub
@@ -354,6 +391,12 @@ class RedisBackend(StateBackend):
         if held is not None:
             held.append(event)
             return
+        last = self._delivered.get(event.topic)
+        if last is not None and event.offset > last + 1:
+            # A hole: pub/sub lost something. Hold this event and fetch the rest.
+            self._catching_up[event.topic] = [event]
+            self._spawn(self._replay_held([event.topic]))
+            return
         self._pass(event)
 
     def _pass(self, event: Event) -> None:
@@ -365,30 +408,93 @@ class RedisBackend(StateBackend):
         if self._listener is not None:
             self._listener(event)
 
-    async def _catch_up(self) -> None:
-        """Deliver from history what watched topics got while Redis was away."""
-        topics = [
+    def _watched_topics(self) -> list[str]:
+        """Exact watched topics, and topics seen that a watched wildcard matches."""
+        exact = {f for f in self._watches if not is_wildcard(f)}
+        seen = {
             topic
             for topic in self._delivered
             if any(filter_matches(f, topic) for f in self._watches)
-        ]
-        for topic in topics:
+        }
+        return sorted(exact | seen)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _catch_up(self, topics: list[str]) -> None:
+        """Deliver from history what pub/sub did not bring for these topics.
+
+        Pub/sub delivers at most once: messages are lost while the listener is
+        reconnecting, or if Redis drops a subscriber that fell behind. Live events
+        of a topic being caught up are held and released after its history, so
+        the listener still gets each event once, in offset order.
+        """
+        chosen = [topic for topic in topics if topic not in self._catching_up]
+        for topic in chosen:
             self._catching_up[topic] = []
+        await self._replay_held(chosen)
+
+    async def _replay_held(self, topics: list[str]) -> None:
+        """Replay history for topics whose live events are being held."""
         try:
             for topic in topics:
-                after = self._delivered.get(topic, 0)
+                after = self._delivered.get(topic, self._watched_from.get(topic, 0))
                 read = await self.read_history(topic, after, self._history_size)
+                logger.debug(
+                    "catching up %s after offset %d: %d events",
+                    topic,
+                    after,
+                    len(read.events),
+                )
                 for event in read.events:
                     self._pass(event)
+                if len(read.events) < self._history_size:
+                    # Whatever is missing up to the last offset is gone from
+                    # history (Redis lost it); waiting for it would stall the topic.
+                    self._skip_to(topic, read.last_offset)
                 for event in self._catching_up.pop(topic, []):
                     self._pass(event)
+        except (RedisError, OSError, Unavailable) as exc:
+            # The listener or the next periodic check tries again.
+            logger.warning("catching up %d topics failed: %s", len(topics), exc)
         finally:
             for topic in topics:
                 for event in self._catching_up.pop(topic, []):
                     self._pass(event)
 
-    async def _reconnect(self) -> None:
-        """Subscribe again to every watched filter and write the records back."""
+    def _skip_to(self, topic: str, offset: int) -> None:
+        if topic in self._delivered and offset > self._delivered[topic]:
+            self._delivered[topic] = offset
+        elif topic not in self._delivered and offset > self._watched_from.get(topic, 0):
+            self._watched_from[topic] = offset
+
+    async def _check_behind(self) -> None:
+        """Catch up exact topics whose last offset in Redis is ahead of delivery."""
+        topics = [f for f in self._watches if not is_wildcard(f)]
+        if not topics:
+            return
+        async with self._client().pipeline(transaction=False) as pipe:
+            for topic in topics:
+                pipe.get(self._key(topic, "seq"))
+            lasts = await pipe.execute()
+        behind = [
+            topic
+            for topic, last in zip(topics, lasts, strict=True)
+            if int(last or 0)
+            > self._delivered.get(topic, self._watched_from.get(topic, 0))
+        ]
+        if behind:
+            logger.debug("behind on %d topics; catching up", len(behind))
+            await self._catch_up(behind)
+
+    async def _reconnect(self) -> bool:
+        """Subscribe again to every watched filter and write the records back.
+
+        Returns:
+            Whether Redis answered; the caller retries until it does.
+        """
         try:
             await self._client().ping()
             old = self._pubsub
@@ -405,14 +511,11 @@ class RedisBackend(StateBackend):
             await self._write_records()
         except (RedisError, OSError) as exc:
             self._set_ready(False, exc)
-            return
+            return False
         self._set_ready(True)
         # Catching up needs the listener reading, which starts when this returns.
-        task = asyncio.get_running_loop().create_task(
-            self._catch_up_when_confirmed(pending)
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._catch_up_when_confirmed(pending))
+        return True
 
     async def _catch_up_when_confirmed(
         self, pending: list[asyncio.Future[None]]
@@ -420,10 +523,9 @@ class RedisBackend(StateBackend):
         try:
             if pending:
                 await asyncio.wait_for(asyncio.gather(*pending), 5)
-            await self._catch_up()
-        except (RedisError, OSError, TimeoutError, Unavailable) as exc:
-            # The listener fails as well and reconnects, which catches up again.
-            logger.warning("catching up after a reconnect failed: %s", exc)
+        except TimeoutError:
+            logger.warning("redis did not confirm every subscription in time")
+        await self._catch_up(self._watched_topics())
 
     async def _restore_floors(self) -> None:
         # After Redis lost its data, the counters start again from what this
@@ -444,9 +546,13 @@ class RedisBackend(StateBackend):
         while True:
             await asyncio.sleep(self._record_ttl / 3)
             try:
+                await self._client().ping()
                 await self._write_records()
+                await self._check_behind()
             except (RedisError, OSError) as exc:
                 self._set_ready(False, exc)
+            else:
+                self._set_ready(True)
 
     async def _write_records(self, ids: Iterable[str] | None = None) -> None:
         """Write (or write again) this replica's records with a fresh expiry."""
@@ -482,17 +588,28 @@ class RedisBackend(StateBackend):
                     )
             await pipe.execute()
 
-    async def _remove_records(self, ids: Sequence[str]) -> None:
-        if not ids:
+    async def _remove_records(self, gone: Sequence[tuple[str, Iterable[str]]]) -> None:
+        """Delete the records of connections, given with the filters they held."""
+        if not gone:
             return
         async with self._client().pipeline(transaction=False) as pipe:
-            for connection_id in ids:
+            for connection_id, filters in gone:
                 key = f"{self._prefix}conn:{connection_id}"
                 pipe.delete(key, f"{key}:filters")
                 pipe.zrem(f"{self._prefix}connections", connection_id)
-                for topic_filter in self._filters.get(connection_id, ()):
+                for topic_filter in filters:
                     pipe.zrem(f"{self._prefix}subs:{topic_filter}", connection_id)
             await pipe.execute()
+
+    async def _flush_removals(self) -> None:
+        """Delete queued records in large pipelines until the queue is empty."""
+        try:
+            while self._removals:
+                batch = self._removals[:_REMOVAL_BATCH]
+                del self._removals[:_REMOVAL_BATCH]
+                await self._quietly(self._remove_records(batch))
+        finally:
+            self._removal_task = None
 
     async def add_connection(self, record: ConnectionRecord) -> None:
         self._records[record.id] = record
@@ -500,9 +617,15 @@ class RedisBackend(StateBackend):
         await self._quietly(self._write_records([record.id]))
 
     async def remove_connection(self, connection_id: str) -> None:
-        await self._quietly(self._remove_records([connection_id]))
+        # Removals are queued and written in batches: when a thousand clients go
+        # at once, a few pipelines do it instead of a thousand round trips.
         self._records.pop(connection_id, None)
-        self._filters.pop(connection_id, None)
+        filters = self._filters.pop(connection_id, set())
+        self._removals.append((connection_id, filters))
+        if self._removal_task is None:
+            self._removal_task = asyncio.get_running_loop().create_task(
+                self._flush_removals()
+            )
 
     async def add_subscriptions(
         self, connection_id: str, topic_filters: Iterable[str]
