@@ -20,9 +20,12 @@ Close codes the gateway sends (``docs/protocol.md`` lists them for clients):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
+import socket
+import struct
 import time
 import uuid
 from collections import deque
@@ -78,6 +81,7 @@ _INBOX_HIGH = 8
 #: connection counts as too slow.
 _HOLD_LIMIT = 10_000
 _SERVER_HEADER = "notification-gateway"
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class _QuietCore(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -167,6 +171,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._max_buffer = settings.max_buffer_bytes
         # Set once the connection has left the router and the registry.
         self._detached = False
+        # Cleared while the transport's buffer is above its high-water mark;
+        # made on the first pause only, so idle connections do not carry one.
+        self._writable: asyncio.Event | None = None
 
     # asyncio callbacks
 
@@ -209,6 +216,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server_connections.discard(self)
+        if self._writable is not None:
+            self._writable.set()
         for timer in (self._ping_timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
@@ -227,11 +236,15 @@ class WebSocketProtocol(asyncio.Protocol):
         self.state = _State.CLOSED
 
     def pause_writing(self) -> None:
-        # Flow control is the outbound buffer cap checked on every write.
-        return None
+        # Live events rely on the buffer cap checked on every write; only a
+        # replay, which writes many events at once, waits for the buffer to drain.
+        if self._writable is None:
+            self._writable = asyncio.Event()
+        self._writable.clear()
 
     def resume_writing(self) -> None:
-        return None
+        if self._writable is not None:
+            self._writable.set()
 
     def shutdown(self) -> None:
         """Close for a replica shutdown (uvicorn calls it on SIGTERM)."""
@@ -446,26 +459,49 @@ class WebSocketProtocol(asyncio.Protocol):
         """Send what ``topic`` had after ``after``, then the live events held."""
         history = self.runtime.settings.history_size
         read = await self.runtime.backend.read_history(topic, after, history)
-        if read.first_offset > after + 1:
+        lost_up_to = read.first_offset - 1 if read.first_offset else read.last_offset
+        if lost_up_to > after:
             self._write(
                 control_frame(
                     "gap",
                     topic=topic,
                     fromOffset=after + 1,
-                    toOffset=read.first_offset - 1,
+                    toOffset=lost_up_to,
                     message="events in this range are no longer kept",
                 )
             )
         last = after
         for event in read.events:
-            self._write(event.frame)
+            await self._write_paced(event.frame)
             last = event.offset
-        held = self._hold.pop(topic, []) if self._hold is not None else []
-        if self._hold is not None and not self._hold:
-            self._hold = None
-        for event in held:
+        # Live events held meanwhile go out the same way; new ones keep being
+        # held until the list is empty, so the order holds.
+        held = self._hold.get(topic, []) if self._hold is not None else []
+        index = 0
+        while index < len(held):
+            event = held[index]
+            index += 1
             if event.offset > last:
-                self._write(event.frame)
+                await self._write_paced(event.frame)
+                last = event.offset
+        if self._hold is not None:
+            self._hold.pop(topic, None)
+            if not self._hold:
+                self._hold = None
+
+    async def _write_paced(self, data: bytes) -> None:
+        """Write for a replay: wait for the buffer to drain instead of the cap.
+
+        A client that resumes from far back reads a burst much larger than live
+        traffic; it is not slow for that, so the replay follows its pace.
+        """
+        if self.state is not _State.OPEN:
+            return
+        assert self.transport is not None
+        self.transport.write(data)
+        writable = self._writable
+        if writable is not None and not writable.is_set():
+            await writable.wait()
 
     async def _unsubscribe(self, operation: Unsubscribe) -> None:
         runtime = self.runtime
@@ -560,8 +596,23 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._close_timer = None
-        if self.transport is not None:
-            self.transport.abort()
+        self._hard_abort()
+
+    def _hard_abort(self) -> None:
+        """Drop the connection with a reset, discarding what the kernel still holds.
+
+        A plain abort closes the socket gracefully underneath, and the kernel would
+        go on holding (and trying to send) megabytes for a client that does not
+        read; a zero linger time makes it send RST and free them at once.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
 
     def _detach(self) -> None:
         """Remove the connection from the router now and from the backend soon."""
@@ -599,8 +650,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self._note_close(CLOSE_ABNORMAL, "keepalive timeout")
             self.state = _State.CLOSING
             self._detach()
-            assert self.transport is not None
-            self.transport.abort()
+            self._hard_abort()
             return
         self._ping_unanswered = True
         self.conn.send_ping(os.urandom(4))
