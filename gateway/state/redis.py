@@ -324,6 +324,11 @@ class RedisBackend(StateBackend):
             return
         self._watches.pop(topic_filter, None)
         self._watched_from.pop(topic_filter, None)
+        # Forget where delivery stood on topics nothing watches any more: when
+        # one is watched again, its events published meanwhile are not owed to
+        # anybody, and must not look like a hole to fill from history.
+        for topic in [t for t in self._delivered if not self._is_watched(t)]:
+            del self._delivered[topic]
         channel = self._channel(topic_filter)
         try:
             if is_wildcard(topic_filter):
@@ -408,14 +413,13 @@ class RedisBackend(StateBackend):
         if self._listener is not None:
             self._listener(event)
 
+    def _is_watched(self, topic: str) -> bool:
+        return any(filter_matches(f, topic) for f in self._watches)
+
     def _watched_topics(self) -> list[str]:
         """Exact watched topics, and topics seen that a watched wildcard matches."""
         exact = {f for f in self._watches if not is_wildcard(f)}
-        seen = {
-            topic
-            for topic in self._delivered
-            if any(filter_matches(f, topic) for f in self._watches)
-        }
+        seen = {topic for topic in self._delivered if self._is_watched(topic)}
         return sorted(exact | seen)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -203,10 +203,11 @@ class WebSocketProtocol(asyncio.Protocol):
             )
             logger.debug("connection %s: protocol error: %s", self.id, conn.parser_exc)
             self._closing()
-        # The closing handshake is over (or the core gave up on the peer): close
-        # the TCP connection once what is queued has been written.
+        # The closing handshake is over: close the TCP connection once what is
+        # queued has been written. After a protocol error the core discards
+        # what the peer still sends until its end of stream or the close timer.
         finished = conn.close_sent is not None and conn.close_rcvd is not None
-        if (finished or conn.parser_exc is not None) and self.transport is not None:
+        if finished and self.transport is not None:
             self.transport.close()
 
     def eof_received(self) -> bool | None:
@@ -457,8 +458,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     async def _replay(self, topic: str, after: int) -> None:
         """Send what ``topic`` had after ``after``, then the live events held."""
-        history = self.runtime.settings.history_size
-        read = await self.runtime.backend.read_history(topic, after, history)
+        page = self.runtime.settings.history_size
+        read = await self.runtime.backend.read_history(topic, after, page)
         lost_up_to = read.first_offset - 1 if read.first_offset else read.last_offset
         if lost_up_to > after:
             self._write(
@@ -471,9 +472,14 @@ class WebSocketProtocol(asyncio.Protocol):
                 )
             )
         last = after
-        for event in read.events:
-            await self._write_paced(event.frame)
-            last = event.offset
+        while read.events:
+            for event in read.events:
+                await self._write_paced(event.frame)
+                last = event.offset
+            # A backend may keep more than one page (Redis trims approximately).
+            if last >= read.last_offset or self.state is not _State.OPEN:
+                break
+            read = await self.runtime.backend.read_history(topic, last, page)
         # Live events held meanwhile go out the same way; new ones keep being
         # held until the list is empty, so the order holds.
         held = self._hold.get(topic, []) if self._hold is not None else []
@@ -560,6 +566,11 @@ class WebSocketProtocol(asyncio.Protocol):
         for chunk in self.conn.data_to_send():
             if chunk:
                 transport.write(chunk)
+            else:
+                # The core's end of stream: half-close, so the close frame
+                # already written is read before the connection ends.
+                transport.write_eof()
+                return
 
     def _client_error(self, code: str) -> None:
         self.runtime.metrics.client_errors.labels(code).inc()
@@ -596,6 +607,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._close_timer = None
+        self.close_reason = f"{self.close_reason} (aborted: no close reply)"
         self._hard_abort()
 
     def _hard_abort(self) -> None:
