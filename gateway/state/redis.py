@@ -141,6 +141,8 @@ class RedisBackend(StateBackend):
         # Filter to the number of local watchers; a filter is subscribed in Redis
         # while its count is above zero.
         self._watches: dict[str, int] = {}
+        # Channel or pattern name to the number of watched filters that need it.
+        self._channel_refs: dict[str, int] = {}
         # Channel or pattern to the future resolved when Redis confirms it.
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         # Per topic, the last offset passed to the listener: drops duplicates (an
@@ -289,10 +291,17 @@ class RedisBackend(StateBackend):
     async def watch(self, topic_filter: str) -> None:
         count = self._watches.get(topic_filter, 0)
         self._watches[topic_filter] = count + 1
-        channel = self._channel(topic_filter).encode()
+        name = self._channel(topic_filter)
+        channel = name.encode()
         if count == 0:
-            self._confirmations[channel] = asyncio.get_running_loop().create_future()
-            await self._subscribe(topic_filter)
+            # Several filters can share one pattern ('+' and '#' both become
+            # '*'): Redis subscribes once per channel, counted over filters.
+            refs = self._channel_refs.get(name, 0)
+            self._channel_refs[name] = refs + 1
+            if refs == 0:
+                loop = asyncio.get_running_loop()
+                self._confirmations[channel] = loop.create_future()
+                await self._subscribe(name)
         # Absent once Redis has confirmed: the listener removes it then.
         future = self._confirmations.get(channel)
         if future is not None:
@@ -330,20 +339,24 @@ class RedisBackend(StateBackend):
         for topic in [t for t in self._delivered if not self._is_watched(t)]:
             del self._delivered[topic]
         channel = self._channel(topic_filter)
+        refs = self._channel_refs.get(channel, 0) - 1
+        if refs > 0:
+            self._channel_refs[channel] = refs
+            return
+        self._channel_refs.pop(channel, None)
         try:
-            if is_wildcard(topic_filter):
+            if _is_pattern(channel):
                 await self._pubsub.punsubscribe(channel)
             else:
                 await self._pubsub.unsubscribe(channel)
         except RedisError as exc:
-            # The listener resubscribes from _watches after a reconnect, and this
-            # filter is no longer there.
+            # The listener resubscribes from _channel_refs after a reconnect,
+            # and this channel is no longer there.
             logger.debug("unsubscribe of %s failed: %s", channel, exc)
 
-    async def _subscribe(self, topic_filter: str) -> None:
-        channel = self._channel(topic_filter)
+    async def _subscribe(self, channel: str) -> None:
         try:
-            if is_wildcard(topic_filter):
+            if _is_pattern(channel):
                 await self._pubsub.psubscribe(channel)
             else:
                 await self._pubsub.subscribe(channel)
@@ -506,11 +519,10 @@ class RedisBackend(StateBackend):
             await old.aclose()
             loop = asyncio.get_running_loop()
             pending = []
-            for topic_filter in list(self._watches):
-                channel = self._channel(topic_filter).encode()
-                future = self._confirmations[channel] = loop.create_future()
+            for name in list(self._channel_refs):
+                future = self._confirmations[name.encode()] = loop.create_future()
                 pending.append(future)
-                await self._subscribe(topic_filter)
+                await self._subscribe(name)
             await self._restore_floors()
             await self._write_records()
         except (RedisError, OSError) as exc:
@@ -696,6 +708,11 @@ class RedisBackend(StateBackend):
         except RedisError as exc:
             raise Unavailable("redis unavailable") from exc
         return [stats[name] for name in sorted(stats)]
+
+
+def _is_pattern(channel: str) -> bool:
+    # Topic names hold no '*', so only the globs of wildcard filters do.
+    return "*" in channel
 
 
 def _offset_of(entry_id: bytes) -> int:

@@ -1,0 +1,589 @@
+"""``gateway fanout-bench``: fan-out to many subscribers, the gateway vs a baseline.
+
+For every run and every server (the gateway, and the raw ``websockets.broadcast``
+server of ``clients.baseline_server``), the benchmark starts the server as a fresh
+subprocess on a free loopback port and, with the same load generator:
+
+1. measures its resident memory, connects N subscribers to one topic in batches,
+   waits a moment and measures it again (the idle phase: memory per connection);
+2. publishes M events at a steady rate on a fixed clock, whether or not the
+   previous ones were answered yet (the steady phase);
+3. publishes M events as fast as the server takes them, from a few publishing
+   connections with one event in flight each (the burst phase);
+
+then stops the server. Each event carries the publisher's clock reading in
+``eventDetails.sentAt``, so latency is measured from the moment it was sent to the
+moment a subscriber read it, identically for both servers. Server CPU (user plus
+system) and memory come from psutil on the server's process. The runs of the two
+servers are interleaved, so that a noisy neighbour hurts both alike, and the report
+shows the median of the runs.
+
+The load generator is one process on uvloop; every subscriber is a hand-written
+protocol (``clients._wire``) that costs the same whichever server it talks to.
+Everything stays on loopback and every wait is bounded; ``--timeout`` bounds the
+whole benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import psutil
+import uvloop
+
+from clients._publish import HttpPublisher, Publisher, WebSocketPublisher
+from clients._report import Results, render_report, write_json
+from clients._servers import (
+    HOST,
+    SERVER_KINDS,
+    ServerProcess,
+    raise_open_files_limit,
+    start_server,
+)
+from clients._wire import BenchError, Tally, WebSocketClient, open_client
+
+__all__ = ["Options", "main"]
+
+MODES = ("idle", "steady", "burst")
+#: Seconds a server may take to listen after it was started.
+_START_TIMEOUT = 30.0
+#: Seconds one subscriber may take from TCP connect to ``subscribed``.
+_HANDSHAKE_TIMEOUT = 30.0
+#: Seconds one publish may wait for the server's answer.
+_PUBLISH_TIMEOUT = 60.0
+#: Seconds given to a server to settle after connections come or go.
+_SETTLE = 1.0
+#: Seconds after its time at which a steady event counts as behind schedule.
+_LATE = 0.010
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to measure, from the command line."""
+
+    subscribers: int
+    events: int
+    rate: float
+    runs: int
+    modes: tuple[str, ...]
+    servers: tuple[str, ...]
+    json_path: Path | None
+    topic: str
+    publishers: int
+    connect_batch: int
+    pad: int
+    max_buffer_bytes: int
+    drain_timeout: float
+    timeout: float
+    log_dir: Path
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if "all" in names:
+        return tuple(allowed)
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{what} {','.join(unknown) or '(none)'!r}; choose from "
+            f"{', '.join(allowed)} or all"
+        )
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway fanout-bench",
+        description="Fan-out benchmark: the gateway against a raw websockets "
+        "broadcast() server, both started here on loopback.",
+    )
+    add = parser.add_argument
+    add("--subscribers", "-n", type=int, default=5000, help="subscribers (N)")
+    add("--events", "-m", type=int, default=200, help="events per phase (M)")
+    add("--rate", type=float, default=10.0, help="events/s in the steady phase")
+    add("--runs", type=int, default=3, help="runs per server; medians reported")
+    add(
+        "--mode",
+        default="all",
+        help="idle, steady, burst, a comma list or all; idle is always "
+        "measured, as the subscribers connect in it",
+    )
+    add("--servers", default="gateway,baseline", help="comma list of servers")
+    add("--json", type=Path, default=None, help="also write results here")
+    add("--topic", default="stocks/AAPL", help="the topic every subscriber holds")
+    add("--publishers", type=int, default=4, help="publishing connections")
+    add("--connect-batch", type=int, default=200, help="concurrent handshakes")
+    add("--pad", type=int, default=16, help="padding characters in eventDetails")
+    add("--max-buffer-bytes", type=int, default=64 * 1024 * 1024)
+    add(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a delivery after which the missing ones count as lost",
+    )
+    add(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for the whole benchmark (default: estimated from the sizes)",
+    )
+    add(
+        "--log-dir",
+        type=Path,
+        default=Path("bench-results/logs"),
+        help="where the servers' output goes",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Turn the command line into options; exit with status 2 on a bad one."""
+    parser = _parser()
+    args = parser.parse_args(list(argv))
+    try:
+        modes = _names(args.mode, MODES, "mode")
+        servers = _names(args.servers, SERVER_KINDS, "server")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    for name in ("subscribers", "events", "runs", "publishers", "connect_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    options = Options(
+        subscribers=args.subscribers,
+        events=args.events,
+        rate=args.rate,
+        runs=args.runs,
+        modes=modes,
+        servers=servers,
+        json_path=args.json,
+        topic=args.topic,
+        publishers=args.publishers,
+        connect_batch=args.connect_batch,
+        pad=args.pad,
+        max_buffer_bytes=args.max_buffer_bytes,
+        drain_timeout=args.drain_timeout,
+        timeout=args.timeout or 0.0,
+        log_dir=args.log_dir,
+    )
+    if not args.timeout:
+        options = _with_estimated_timeout(options)
+    return options
+
+
+def _with_estimated_timeout(options: Options) -> Options:
+    # Generous: connecting, the steady phase at its rate, a burst at a slow
+    # 10,000 deliveries/s, the drain waits, and starting and stopping.
+    n, m = options.subscribers, options.events
+    per_run = 60 + n / 100 + m / options.rate + n * m / 10_000
+    per_run += 2 * options.drain_timeout
+    total = 120 + per_run * options.runs * len(options.servers)
+    return dataclasses.replace(options, timeout=total)
+
+
+# Events
+
+
+def event_body(topic: str, seq: int, pad: str) -> bytes:
+    """One publish body, stamped with this process's clock as it is built."""
+    details = {"sentAt": time.perf_counter(), "seq": seq, "pad": pad}
+    return orjson.dumps(
+        {
+            "topic": topic,
+            "eventSource": "bench",
+            "eventType": "PRICE_CHANGED",
+            "eventDetails": details,
+        }
+    )
+
+
+async def wait_for_deliveries(tally: Tally, expected: int, idle_timeout: float) -> None:
+    """Wait until ``expected`` events arrived or none did for ``idle_timeout`` s."""
+    seen = -1
+    changed = time.perf_counter()
+    while tally.received < expected:
+        await asyncio.sleep(0.02)
+        now = time.perf_counter()
+        if tally.received != seen:
+            seen = tally.received
+            changed = now
+        elif now - changed > idle_timeout:
+            return
+
+
+# Connections
+
+
+async def open_publisher(server: ServerProcess) -> Publisher:
+    """A publishing connection of the kind ``server`` takes."""
+    if server.kind == "gateway":
+        return await HttpPublisher.open(
+            HOST, server.port, server.api_key, request_timeout=_PUBLISH_TIMEOUT
+        )
+    return await WebSocketPublisher.open(
+        HOST, server.port, "/publish", request_timeout=_PUBLISH_TIMEOUT
+    )
+
+
+async def subscribe_one(port: int, topic: str, tally: Tally) -> WebSocketClient:
+    """Open one subscriber: upgrade, welcome, subscribe, subscribed."""
+    client = await open_client(
+        HOST, port, "/ws", tally, handshake_timeout=_HANDSHAKE_TIMEOUT
+    )
+    try:
+        async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+            _expect(await client.messages.get(), "welcome")
+            client.send_json({"op": "subscribe", "topics": [topic]})
+            _expect(await client.messages.get(), "subscribed")
+    except BaseException:
+        client.abort()
+        raise
+    return client
+
+
+def _expect(message: object, kind: str) -> None:
+    if not isinstance(message, dict) or message.get("type") != kind:
+        raise BenchError(f"expected a {kind} message, got {message!r}"[:300])
+
+
+async def connect_subscribers(
+    server: ServerProcess,
+    tally: Tally,
+    options: Options,
+    clients: list[WebSocketClient],
+) -> int:
+    """Connect ``options.subscribers`` clients, a batch of handshakes at a time.
+
+    Batches keep the number of connections waiting in the server's listen
+    backlog bounded, so that no server is judged by its backlog size. Each
+    subscribed client is appended to ``clients`` at once, so that the caller
+    can close them all even if this fails half way.
+
+    Returns:
+        How many clients failed to connect or subscribe.
+    """
+    failures = 0
+    for first in range(0, options.subscribers, options.connect_batch):
+        size = min(options.connect_batch, options.subscribers - first)
+        results = await asyncio.gather(
+            *(subscribe_one(server.port, options.topic, tally) for _ in range(size)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, WebSocketClient):
+                clients.append(result)
+            elif isinstance(result, Exception):
+                failures += 1
+            else:
+                raise result
+    return failures
+
+
+async def warm_up(server: ServerProcess, publisher: Publisher, pad: str) -> None:
+    """Deliver one event to one subscriber, so lazy set-up is not measured."""
+    tally = Tally()
+    client = await subscribe_one(server.port, "bench/warmup", tally)
+    try:
+        await publisher.publish(event_body("bench/warmup", 0, pad))
+        await wait_for_deliveries(tally, 1, _HANDSHAKE_TIMEOUT)
+    finally:
+        client.abort()
+    if tally.received != 1:
+        raise BenchError(f"{server.kind}: the warm-up event never arrived")
+
+
+# Phases
+
+
+@dataclasses.dataclass
+class _Readings:
+    """Clock and CPU readings taken at the start or end of a phase.
+
+    CPU times are seconds as (user, system); ``machine`` is the CPU time the
+    whole machine was busy: every process, interrupts, and time stolen by the
+    hypervisor.
+    """
+
+    at: float
+    server: tuple[float, float]
+    client: tuple[float, float]
+    machine: float
+
+    @classmethod
+    def take(cls, server: ServerProcess) -> _Readings:
+        """Read the clocks now."""
+        own = os.times()
+        machine = psutil.cpu_times()
+        idle = machine.idle + getattr(machine, "iowait", 0.0)
+        # Guest time is already counted in user time on Linux.
+        guest = getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
+        busy = sum(machine) - idle - guest
+        return cls(
+            time.perf_counter(), server.cpu_seconds(), (own.user, own.system), busy
+        )
+
+
+def _cpu_metrics(
+    prefix: str, before: tuple[float, float], after: tuple[float, float], count: int
+) -> dict[str, float]:
+    user = after[0] - before[0]
+    system = after[1] - before[1]
+    total = user + system
+    return {
+        f"{prefix}_cpu_us_per_delivery": total * 1e6 / count if count else math.nan,
+        f"{prefix}_sys_share": system / total if total else math.nan,
+    }
+
+
+def _other_cores(start: _Readings, end: _Readings) -> float:
+    # What the rest of the machine used while the phase ran, in cores. It
+    # includes interrupt work not charged to either process, some of which is
+    # this benchmark's own loopback traffic.
+    ours = sum(end.server) - sum(start.server) + sum(end.client) - sum(start.client)
+    return (end.machine - start.machine - ours) / max(end.at - start.at, 1e-9)
+
+
+def phase_metrics(
+    server: ServerProcess, tally: Tally, start: _Readings, expected: int
+) -> dict[str, float]:
+    """Sum up one phase: rate, CPU per delivery, latency, losses, memory."""
+    end = _Readings.take(server)
+    received = tally.received
+    seconds = max(tally.last_at - start.at, 1e-9)
+    latencies = sorted(tally.latencies)
+    return {
+        **_cpu_metrics("server", start.server, end.server, received),
+        **_cpu_metrics("client", start.client, end.client, received),
+        "other_cores": _other_cores(start, end),
+        "expected": expected,
+        "received": received,
+        "lost": expected - received,
+        "closed": sum(tally.closes.values()),
+        "seconds": seconds,
+        "deliveries_per_s": received / seconds,
+        "p50_ms": _quantile(latencies, 0.50) * 1e3,
+        "p99_ms": _quantile(latencies, 0.99) * 1e3,
+        "max_ms": _quantile(latencies, 1.0) * 1e3,
+        "server_rss_mb": server.rss_bytes() / 2**20,
+    }
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def idle_phase(
+    server: ServerProcess,
+    tally: Tally,
+    options: Options,
+    clients: list[WebSocketClient],
+) -> dict[str, float]:
+    """Connect the subscribers and measure the memory each one costs the server."""
+    before = server.rss_bytes()
+    failures = await connect_subscribers(server, tally, options, clients)
+    await asyncio.sleep(_SETTLE)
+    after = server.rss_bytes()
+    count = max(len(clients), 1)
+    return {
+        "subscribers": len(clients),
+        "connect_failures": failures,
+        "rss_before_mb": before / 2**20,
+        "rss_after_mb": after / 2**20,
+        "kb_per_connection": (after - before) / count / 1024,
+    }
+
+
+async def steady_phase(
+    server: ServerProcess,
+    publishers: Sequence[Publisher],
+    tally: Tally,
+    subscribers: int,
+    options: Options,
+) -> dict[str, float]:
+    """Publish ``options.events`` at ``options.rate`` per second, on a fixed clock.
+
+    The schedule is open-loop: each event goes at its time on whichever
+    publisher is free, without waiting for the previous answer, so a server
+    that falls behind shows it in latency instead of slowing the publisher
+    down. An event sent more than ``_LATE`` seconds after its time (every
+    publisher was busy, or this process was) counts as behind schedule.
+    """
+    tally.reset()
+    pad = "x" * options.pad
+    interval = 1.0 / options.rate
+    free: asyncio.Queue[Publisher] = asyncio.Queue()
+    for publisher in publishers:
+        free.put_nowait(publisher)
+
+    async def send(publisher: Publisher, body: bytes) -> None:
+        await publisher.publish(body)
+        free.put_nowait(publisher)
+
+    sends = []
+    behind = 0
+    start = _Readings.take(server)
+    for seq in range(options.events):
+        due = start.at + seq * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        publisher = await free.get()
+        if time.perf_counter() - due > _LATE:
+            behind += 1
+        body = event_body(options.topic, seq, pad)
+        sends.append(asyncio.ensure_future(send(publisher, body)))
+    await asyncio.gather(*sends)
+    expected = subscribers * options.events
+    await wait_for_deliveries(tally, expected, options.drain_timeout)
+    metrics = phase_metrics(server, tally, start, expected)
+    metrics["behind_schedule"] = behind
+    return metrics
+
+
+async def burst_phase(
+    server: ServerProcess,
+    publishers: Sequence[Publisher],
+    tally: Tally,
+    subscribers: int,
+    options: Options,
+) -> dict[str, float]:
+    """Publish ``options.events`` as fast as the server answers.
+
+    Each publisher has one event in flight; with two or more, the server finds
+    the next event waiting as soon as it has fanned out the previous one.
+    """
+    tally.reset()
+    pad = "x" * options.pad
+    sequence = iter(range(options.events))
+
+    async def pump(publisher: Publisher) -> None:
+        # The iterator is shared: each publisher takes the next number.
+        for seq in sequence:
+            await publisher.publish(event_body(options.topic, seq, pad))
+
+    start = _Readings.take(server)
+    await asyncio.gather(*(pump(publisher) for publisher in publishers))
+    expected = subscribers * options.events
+    await wait_for_deliveries(tally, expected, options.drain_timeout)
+    return phase_metrics(server, tally, start, expected)
+
+
+# Runs
+
+
+async def _phases(
+    server: ServerProcess, options: Options, clients: list[WebSocketClient]
+) -> dict[str, float]:
+    publishers = [await open_publisher(server) for _ in range(options.publishers)]
+    try:
+        await warm_up(server, publishers[0], "x" * options.pad)
+        tally = Tally()
+        idle = await idle_phase(server, tally, options, clients)
+        metrics = {f"idle.{key}": value for key, value in idle.items()}
+        # Hide the long-lived connection objects from the garbage collector:
+        # with thousands of them, each full collection would stall every
+        # subscriber for milliseconds and show up as latency.
+        gc.collect()
+        gc.freeze()
+        if "steady" in options.modes:
+            steady = await steady_phase(
+                server, publishers, tally, len(clients), options
+            )
+            metrics.update({f"steady.{key}": value for key, value in steady.items()})
+        if "burst" in options.modes:
+            burst = await burst_phase(server, publishers, tally, len(clients), options)
+            metrics.update({f"burst.{key}": value for key, value in burst.items()})
+        return metrics
+    finally:
+        for publisher in publishers:
+            publisher.close()
+
+
+async def measure(kind: str, options: Options) -> dict[str, float]:
+    """One run against one server, started and stopped here."""
+    server = start_server(
+        kind, options.log_dir, max_buffer_bytes=options.max_buffer_bytes
+    )
+    clients: list[WebSocketClient] = []
+    try:
+        await server.wait_ready(_START_TIMEOUT)
+        return await _phases(server, options, clients)
+    finally:
+        # The clients leave first, so that the server stops without a closing
+        # handshake per connection.
+        for client in clients:
+            client.abort()
+        await asyncio.sleep(0)
+        server.stop()
+        gc.unfreeze()
+
+
+async def run_all(options: Options) -> Results:
+    """Every run of every server, interleaved, within ``options.timeout``."""
+    results: Results = {kind: [] for kind in options.servers}
+    async with asyncio.timeout(options.timeout):
+        for run in range(options.runs):
+            # Alternate which server goes first, so neither always follows
+            # the other's leftovers (sockets in TIME_WAIT, a warm CPU cache).
+            order = options.servers if run % 2 == 0 else options.servers[::-1]
+            for kind in order:
+                metrics = await measure(kind, options)
+                results[kind].append(metrics)
+                _progress(run, kind, metrics, options)
+    return results
+
+
+def _progress(run: int, kind: str, metrics: dict[str, float], options: Options) -> None:
+    parts = [f"run {run + 1}/{options.runs} {kind}:"]
+    parts.append(f"{metrics['idle.kb_per_connection']:.1f} KB/conn")
+    if "steady.p99_ms" in metrics:
+        parts.append(
+            f"steady p99 {metrics['steady.p99_ms']:.1f} ms, "
+            f"lost {metrics['steady.lost']:.0f}"
+        )
+    if "burst.deliveries_per_s" in metrics:
+        parts.append(
+            f"burst {metrics['burst.deliveries_per_s']:,.0f}/s, "
+            f"lost {metrics['burst.lost']:.0f}"
+        )
+    print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark; print the report; return the exit status."""
+    options = parse_args(argv)
+    limit = raise_open_files_limit()
+    if limit < options.subscribers + 256:
+        print(
+            f"fanout-bench: the open-files limit is {limit}, too low for "
+            f"{options.subscribers} subscribers",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        results = uvloop.run(run_all(options))
+    except (BenchError, OSError, EOFError, TimeoutError) as exc:
+        # EOFError: a server hung up mid-answer (asyncio.IncompleteReadError).
+        print(f"fanout-bench: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(render_report(results, options))
+    if options.json_path is not None:
+        write_json(options.json_path, results, options)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
