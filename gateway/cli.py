@@ -85,18 +85,29 @@ def _banner(settings: Settings, title: str) -> str:
 
 
 def _run(settings: Settings, title: str) -> None:
-    from gateway.server import build_server
+    from gateway.server import bind, build_server
 
+    try:
+        sock = bind(settings)
+    except OSError as exc:
+        raise click.ClickException(str(exc.strerror or exc)) from exc
+    port = sock.getsockname()[1]
+    settings = settings.model_copy(update={"port": port})
     server = build_server(settings)
-    print(_banner(settings, title), flush=True)
-    server.run()
+    backend = (
+        f"Redis at {settings.loggable()['redis_url']}"
+        if settings.redis_url
+        else ("in-memory state")
+    )
+    print(_banner(settings, f"{title} ({backend})"), flush=True)
+    server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Real-time notification gateway: polling, WebSocket push and MQTT push."""
+    """Real-time notification gateway: events over HTTP in, WebSocket push out."""
 
 
 @main.command()
@@ -110,7 +121,7 @@ def serve(**given: Any) -> None:
 @settings_options
 def demo(**given: Any) -> None:
     """Run everything built so far on embedded defaults, with no outside service."""
-    _run(_settings(given), "notification gateway demo (in-memory state)")
+    _run(_settings(given), "notification gateway demo")
 
 
 @main.command(

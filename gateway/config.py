@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "flag_name", "load_settings"]
@@ -102,11 +102,23 @@ class Settings(BaseSettings):
         "closed with 1013.",
     )
     history_size: int = Field(1000, ge=1, description="Events kept per topic.")
+    max_backlog: int = Field(
+        10_000,
+        ge=1,
+        description="Events waiting for fan-out on this replica before the "
+        "publish API answers 503.",
+    )
     ping_interval: float = Field(
         20.0,
         gt=0,
         description="Seconds between keepalive pings; a peer that does not answer "
         "within the same time is dropped.",
+    )
+    drain_delay: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds between SIGTERM and closing the listener, while "
+        "/readyz answers 503 so that a load balancer stops sending clients.",
     )
     close_timeout: float = Field(
         2.0,
@@ -126,6 +138,23 @@ class Settings(BaseSettings):
             scheme, _, rest = self.redis_url.partition("://")
             values["redis_url"] = f"{scheme}://{rest.rpartition('@')[2]}"
         return values
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 8:
+            raise ValueError("an API key needs at least 8 characters")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(f"expected a URL starting with one of {_REDIS_SCHEMES}")
+        return value
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class SettingsError(ValueError):

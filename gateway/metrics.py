@@ -26,6 +26,11 @@ class Metrics:
             "Subscriptions (connection and topic filter pairs) on this replica.",
             registry=registry,
         )
+        self.backlog = Gauge(
+            "gateway_fanout_backlog",
+            "Events accepted on this replica and not yet written to subscribers.",
+            registry=registry,
+        )
         self.events_in = Counter(
             "gateway_events_in",
             "Events accepted by the publish API of this replica.",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from gateway.config import Settings
+from gateway.errors import Unavailable
 from gateway.events.envelope import Draft, Event
 from gateway.fanout.router import Router
 from gateway.metrics import Metrics
@@ -38,15 +40,25 @@ class Runtime:
         # Background work that belongs to no request, kept so that it is neither
         # garbage collected mid-flight nor left running at shutdown.
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Events stored but not yet fanned out, oldest first. Ingest appends and
+        # answers at once; one task writes them to subscribers in order, so a
+        # publisher never waits for (or is starved by) a large fan-out.
+        self._backlog: deque[Event] = deque()
+        self._backlog_ready = asyncio.Event()
+        self._fanout_task: asyncio.Task[None] | None = None
+        self.metrics.backlog.set_function(lambda: len(self._backlog))
         backend.set_listener(self.on_event)
 
     async def start(self) -> None:
-        """Connect the backend."""
+        """Connect the backend and start the fan-out task."""
         await self.backend.start()
+        self._fanout_task = asyncio.get_running_loop().create_task(self._fan_out())
         logger.info("state backend %s ready", self.backend.name)
 
     async def close(self) -> None:
         """Finish background work and release the backend."""
+        if self._fanout_task is not None:
+            self._fanout_task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.close_timeout)
         for task in self._tasks:
@@ -66,7 +78,16 @@ class Runtime:
         task.add_done_callback(done)
 
     async def publish(self, drafts: Sequence[Draft]) -> list[Event]:
-        """Stamp, store and deliver a batch of events; see ``StateBackend.publish``."""
+        """Stamp, store and deliver a batch of events; see ``StateBackend.publish``.
+
+        Raises:
+            Unavailable: the fan-out backlog is full or the backend is down;
+                nothing was stored.
+        """
+        if len(self._backlog) >= self.settings.max_backlog:
+            raise Unavailable(
+                f"{len(self._backlog)} events wait for delivery; try again shortly"
+            )
         events = await self.backend.publish(
             drafts, max_bytes=self.settings.max_event_bytes
         )
@@ -74,7 +95,27 @@ class Runtime:
         return events
 
     def on_event(self, event: Event) -> None:
-        """Deliver one event to this replica's subscribers (the backend's listener)."""
+        """Queue one event for this replica's subscribers (the backend's listener)."""
+        self._backlog.append(event)
+        self._backlog_ready.set()
+
+    async def _fan_out(self) -> None:
+        """Deliver queued events in order, yielding to the loop between events."""
+        backlog = self._backlog
+        while True:
+            await self._backlog_ready.wait()
+            self._backlog_ready.clear()
+            while backlog:
+                event = backlog.popleft()
+                try:
+                    self._deliver(event)
+                except Exception:
+                    # A bug in one delivery must not stop every later one.
+                    logger.exception("delivering %s failed", event.id)
+                # Ingest, reads and keepalives run between two events.
+                await asyncio.sleep(0)
+
+    def _deliver(self, event: Event) -> None:
         delivered = self.router.deliver(event)
         if delivered:
             self.metrics.deliveries.inc(delivered)

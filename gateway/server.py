@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import resource
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -34,17 +36,39 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.runtime.draining:
-            logger.info("received %s: draining", signal.Signals(sig).name)
-        self.runtime.draining = True
         # uvicorn's own handler would re-raise the signal after shutdown, which
         # ends the process with a signal status; a requested stop exits 0 here.
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        else:
+        if self.runtime.draining or self._loop is None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
             self.should_exit = True
+            return
+        logger.info("received %s: draining", signal.Signals(sig).name)
+        self.runtime.draining = True
+        # Signal handlers run between two steps of the loop; do the work in it.
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """Close WebSocket clients now; stop listening after the drain delay."""
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, WebSocketProtocol):
+                try:
+                    connection.shutdown()
+                except Exception:
+                    # One broken connection must not keep the others open.
+                    logger.exception("closing connection %s failed", connection.id)
+        assert self._loop is not None
+        self._loop.call_later(self.runtime.settings.drain_delay, self._stop)
+
+    def _stop(self) -> None:
+        self.should_exit = True
 
 
 def raise_open_files_limit() -> int:
@@ -76,6 +100,28 @@ def make_backend(settings: Settings) -> StateBackend:
     )
 
 
+def bind(settings: Settings) -> socket.socket:
+    """Bind the listening socket, failing with a message that names the flag.
+
+    Raises:
+        OSError: the address cannot be bound; the message says what to change.
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
+            "choose another port with --port or GATEWAY_PORT",
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def build_server(settings: Settings) -> GatewayServer:
     """Wire backend, runtime, application and uvicorn from the settings."""
     limit = raise_open_files_limit()
@@ -98,5 +144,7 @@ def build_server(settings: Settings) -> GatewayServer:
         access_log=False,
         backlog=4096,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        # Publishers keep their HTTP connections between batches.
+        timeout_keep_alive=30,
     )
     return GatewayServer(config, runtime)

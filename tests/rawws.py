@@ -1,11 +1,14 @@
-"""WebSocket clients written by hand, for tests that must control every buffer.
+"""WebSocket clients written by hand, for tests that must control every byte.
 
 A client library reads the socket in the background and queues what it reads, so
-a test using one cannot make a client that truly stops reading. These clients
-read only when the test asks: what they do not read stays in the kernel's receive
-buffer, whose size the test chooses before connecting. They speak just enough of
-RFC 6455 for the gateway: the opening handshake, masked frames out, unmasked
-frames in, and pong answers.
+a test using one cannot make a client that truly stops reading, nor send what
+RFC 6455 forbids. These clients read only when the test asks: what they do not
+read stays in the kernel's receive buffer, whose size the test chooses before
+connecting. They speak just enough of the protocol for the gateway (the opening
+handshake, masked frames out, unmasked frames in, pong answers) and break it on
+request: a text frame of invalid UTF-8, a header announcing more than follows, a
+peer that never answers pings. Every wait is in seconds, scaled by
+``support.timeout``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from support import timeout
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -67,6 +71,7 @@ class Frame:
         message: dict[str, Any] = orjson.loads(self.payload)
         return message
 
+    @property
     def close_code(self) -> int | None:
         """The status code of a close frame, or None when it carries none."""
         assert self.opcode == OP_CLOSE, self
@@ -113,22 +118,37 @@ class FrameParser:
         return frames
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One final frame from client to server, masked as RFC 6455, 5.3 requires."""
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+def client_frame(
+    opcode: int, payload: bytes = b"", *, fin: bool = True, length: int | None = None
+) -> bytes:
+    """One frame from client to server, masked as RFC 6455, 5.3 requires.
+
+    Args:
+        opcode: the frame's opcode, one of the ``OP_`` constants.
+        payload: the payload before masking.
+        fin: clear it on every fragment of a message but the last.
+        length: a payload length for the header other than ``len(payload)``,
+            to send a header that announces more than follows it.
+    """
+    declared = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | opcode
+    if declared < 126:
+        header = struct.pack("!BB", first, 0x80 | declared)
+    elif declared < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, declared)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        header = struct.pack("!BBQ", first, 0x80 | 127, declared)
     mask = os.urandom(4)
-    # XOR with the key repeated over the payload, done as one big integer.
-    repeated = (mask * (length // 4 + 1))[:length]
-    masked = (
-        int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")
-    ).to_bytes(length, "big")
-    return header + mask + masked
+    return header + mask + _masked(payload, mask)
+
+
+def _masked(payload: bytes, mask: bytes) -> bytes:
+    """``payload`` XORed with the 4-byte ``mask`` repeated over it."""
+    size = len(payload)
+    repeated = (mask * (size // 4 + 1))[:size]
+    # One XOR of two big integers, far faster than a loop over the bytes.
+    value = int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")
+    return value.to_bytes(size, "big")
 
 
 def text(message: Any) -> bytes:
@@ -187,6 +207,49 @@ def check_accept(response: Response, accept: str) -> None:
     assert response.header("sec-websocket-accept") == accept, response
 
 
+async def open_socket(
+    port: int, *, host: str = "127.0.0.1", rcvbuf: int | None = None
+) -> socket.socket:
+    """A non-blocking TCP socket connected to ``host:port``.
+
+    Args:
+        port: the gateway's port.
+        host: its address.
+        rcvbuf: SO_RCVBUF in bytes, set before connecting so that the window
+            the kernel offers stays that small (Linux doubles the value).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def read_to_eof(sock: socket.socket, seconds: float = 10.0) -> tuple[bytes, str]:
+    """Read a socket until the peer ends the connection.
+
+    Returns:
+        Everything read, and ``"eof"`` for a clean end or ``"reset"``.
+
+    Raises:
+        TimeoutError: the peer had not ended the connection within ``seconds``.
+    """
+    loop = asyncio.get_running_loop()
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout(seconds)):
+            while chunk := await loop.sock_recv(sock, 65536):
+                chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    return b"".join(chunks), "eof"
+
+
 @dataclass
 class Ending:
     """How a connection ended, as seen by a client reading what was left.
@@ -206,16 +269,34 @@ class RawWebSocket:
     """A client on a non-blocking socket that reads only when asked to.
 
     Between calls nothing reads the socket, so the server sees exactly the
-    receive window the kernel advertises. Not safe for two tasks at once.
+    receive window the kernel advertises. With ``answer_pings`` it is a correct
+    client that is merely slow: a ping met while reading is answered and
+    skipped. Without it, it is a peer that never answers: ``recv_frame``
+    returns pings like any other frame. Not safe for two tasks at once, except
+    one task in ``send`` while another is in ``read_to_eof``, which writes
+    nothing.
     """
 
-    def __init__(self, sock: socket.socket, response: Response, rest: bytes) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        response: Response,
+        rest: bytes,
+        *,
+        answer_pings: bool = True,
+    ) -> None:
+        # Read only inside the recv and read methods, never in the background.
         self.sock = sock
+        # The server's answer to the opening handshake.
         self.response = response
+        # Whether a ping met while reading gets its pong before being skipped.
+        self.answer_pings = answer_pings
+        # Holds the bytes of a frame not yet complete.
         self._parser = FrameParser()
+        # Complete frames read from the socket but not yet returned.
         self._pending: list[Frame] = self._parser.feed(rest)
         self._loop = asyncio.get_running_loop()
-        #: The welcome message, once ``subscribe`` has read it.
+        #: The welcome message, once ``opened`` or ``subscribe`` has read it.
         self.welcome: dict[str, Any] = {}
 
     @classmethod
@@ -226,26 +307,23 @@ class RawWebSocket:
         host: str = "127.0.0.1",
         rcvbuf: int | None = None,
         extensions: str | None = None,
+        answer_pings: bool = True,
         seconds: float = 5.0,
     ) -> RawWebSocket:
-        """Open a connection and finish the opening handshake.
+        """Open a connection and finish the opening handshake with status 101.
 
         Args:
             port: the gateway's port.
             host: its address.
-            rcvbuf: SO_RCVBUF in bytes, set before connecting so that the window
-                the kernel offers stays that small (Linux doubles the value).
+            rcvbuf: SO_RCVBUF in bytes, as for ``open_socket``.
             extensions: a Sec-WebSocket-Extensions offer to send.
+            answer_pings: whether the client answers the pings it reads.
             seconds: time allowed for the connection and the handshake.
         """
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        try:
-            async with asyncio.timeout(seconds):
-                await loop.sock_connect(sock, (host, port))
+        async with asyncio.timeout(timeout(seconds)):
+            sock = await open_socket(port, host=host, rcvbuf=rcvbuf)
+            try:
                 request, accept = upgrade_request(host, port, extensions=extensions)
                 await loop.sock_sendall(sock, request)
                 received = b""
@@ -254,13 +332,31 @@ class RawWebSocket:
                     if not chunk:
                         raise ConnectionError(f"EOF during handshake: {received!r}")
                     received += chunk
+            except BaseException:
+                sock.close()
+                raise
+        head, _, rest = received.partition(b"\r\n\r\n")
+        response = parse_response(head)
+        try:
+            check_accept(response, accept)
         except BaseException:
             sock.close()
             raise
-        head, _, rest = received.partition(b"\r\n\r\n")
-        response = parse_response(head)
-        check_accept(response, accept)
-        return cls(sock, response, rest)
+        return cls(sock, response, rest, answer_pings=answer_pings)
+
+    @classmethod
+    async def opened(
+        cls, port: int, *, rcvbuf: int | None = None, answer_pings: bool = True
+    ) -> RawWebSocket:
+        """Connect to ``/ws`` and read the welcome message; return the client."""
+        client = await cls.connect(port, rcvbuf=rcvbuf, answer_pings=answer_pings)
+        try:
+            client.welcome = await client.recv_json()
+            assert client.welcome["type"] == "welcome", client.welcome
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     @property
     def rcvbuf(self) -> int:
@@ -274,25 +370,34 @@ class RawWebSocket:
         count: int = struct.unpack("i", size)[0]
         return count
 
-    async def send(self, message: Any) -> None:
+    async def send(self, data: bytes) -> None:
+        """Write bytes as they are: frames, part of one, or several at once."""
+        await self._loop.sock_sendall(self.sock, data)
+
+    async def send_frame(
+        self, opcode: int, payload: bytes = b"", *, fin: bool = True
+    ) -> None:
+        """Send one masked frame; clear ``fin`` for all fragments but the last."""
+        await self.send(client_frame(opcode, payload, fin=fin))
+
+    async def send_json(self, message: Any) -> None:
         """Send one JSON message in a masked text frame."""
-        await self._loop.sock_sendall(self.sock, text(message))
+        await self.send(text(message))
 
     async def recv_frame(self, seconds: float = 5.0) -> Frame:
-        """The next frame; pings are answered and skipped.
+        """The next frame; with ``answer_pings``, pings are answered and skipped.
 
         Raises:
             TimeoutError: nothing complete arrived within ``seconds``.
-            ConnectionError: the server ended the TCP connection.
+            ConnectionError: the server ended the TCP connection
+                (ConnectionResetError when it reset it).
         """
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout(timeout(seconds)):
             while True:
                 while self._pending:
                     frame = self._pending.pop(0)
-                    if frame.opcode == OP_PING:
-                        await self._loop.sock_sendall(
-                            self.sock, client_frame(OP_PONG, frame.payload)
-                        )
+                    if frame.opcode == OP_PING and self.answer_pings:
+                        await self.send_frame(OP_PONG, frame.payload)
                         continue
                     return frame
                 chunk = await self._loop.sock_recv(self.sock, 65536)
@@ -300,11 +405,24 @@ class RawWebSocket:
                     raise ConnectionError("EOF")
                 self._pending = self._parser.feed(chunk)
 
-    async def recv(self, seconds: float = 5.0) -> dict[str, Any]:
-        """The next text message, decoded; a close frame fails the test."""
-        frame = await self.recv_frame(seconds)
-        assert frame.opcode == OP_TEXT, (frame, frame.payload[:200])
-        return frame.json()
+    async def recv_json(self, seconds: float = 5.0) -> dict[str, Any]:
+        """The next text message, decoded.
+
+        Pings and pongs before it are skipped (pings answered only with
+        ``answer_pings``); any other frame, a close included, fails the test.
+        """
+        while True:
+            frame = await self.recv_frame(seconds)
+            if frame.opcode == OP_TEXT:
+                return frame.json()
+            assert frame.opcode in (OP_PING, OP_PONG), (frame, frame.payload[:200])
+
+    async def recv_close(self, seconds: float = 5.0) -> Frame:
+        """Skip messages until the close frame and return it."""
+        while True:
+            frame = await self.recv_frame(seconds)
+            if frame.opcode == OP_CLOSE:
+                return frame
 
     async def subscribe(
         self, *topics: str, offsets: dict[str, int] | None = None
@@ -317,9 +435,9 @@ class RawWebSocket:
         message: dict[str, Any] = {"op": "subscribe", "topics": list(topics)}
         if offsets is not None:
             message["offsets"] = offsets
-        await self.send(message)
+        await self.send_json(message)
         while True:
-            answer = await self.recv()
+            answer = await self.recv_json()
             if answer["type"] == "subscribed":
                 return
             assert answer["type"] == "welcome", answer
@@ -333,7 +451,7 @@ class RawWebSocket:
         """
         frames: list[Frame] = []
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(timeout(seconds)):
                 while True:
                     try:
                         frame = await self.recv_frame(seconds)
@@ -342,15 +460,26 @@ class RawWebSocket:
                     except ConnectionError:
                         return Ending(frames, "eof")
                     if frame.opcode == OP_CLOSE:
-                        code = frame.close_code()
-                        reply = frame.payload[:2]
-                        await self._loop.sock_sendall(
-                            self.sock, client_frame(OP_CLOSE, reply)
-                        )
-                        return Ending(frames, "close", code)
+                        await self.send_frame(OP_CLOSE, frame.payload[:2])
+                        return Ending(frames, "close", frame.close_code)
                     frames.append(frame)
         except TimeoutError:
             return Ending(frames, "timeout")
+
+    async def read_to_eof(self, seconds: float = 10.0) -> tuple[list[Frame], str]:
+        """Read until the TCP stream ends, answering nothing, not even a close.
+
+        Returns:
+            Every frame read, control frames included, and ``"eof"`` or
+            ``"reset"``. A frame cut short by the end is left out.
+
+        Raises:
+            TimeoutError: the stream had not ended within ``seconds``.
+        """
+        data, how = await read_to_eof(self.sock, seconds)
+        frames = self._pending + self._parser.feed(data)
+        self._pending = []
+        return frames, how
 
     def close(self) -> None:
         """Drop the socket without a closing handshake."""

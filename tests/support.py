@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -238,6 +235,17 @@ async def read_metrics(client: httpx.AsyncClient, gateway: Gateway) -> dict[str,
     return samples
 
 
+async def admin_stats(client: httpx.AsyncClient, gateway: Gateway) -> dict[str, Any]:
+    """The answer of ``/admin/stats``, asked with the API key; fails unless 200."""
+    response = await client.get(
+        f"{gateway.http_url}/admin/stats",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert response.status_code == 200, response.text
+    stats: dict[str, Any] = response.json()
+    return stats
+
+
 def assert_no_error_logged(gateway: Gateway) -> None:
     """Fail if the gateway logged anything at ERROR or above, or a traceback."""
     log = gateway.log()
@@ -358,264 +366,3 @@ class FlowProbe:
         assert self.worst_delay <= timeout(max_delay), (
             f"an event took {self.worst_delay:.3f} s to arrive"
         )
-
-
-# Raw WebSocket frames over a plain socket, for what a client library will not
-# do: a text frame of invalid UTF-8, a header announcing more than is sent, a
-# peer that never answers pings or never reads. Bytes are read only when a
-# test asks, so what is not read stays in the kernel's receive buffer.
-
-OP_CONT = 0x0
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-
-_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def masked(payload: bytes, mask: bytes) -> bytes:
-    """``payload`` XORed with the 4-byte ``mask`` repeated (RFC 6455, 5.3)."""
-    size = len(payload)
-    if not size:
-        return b""
-    key = (mask * (size // 4 + 1))[:size]
-    value = int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")
-    return value.to_bytes(size, "big")
-
-
-def client_frame(
-    opcode: int, payload: bytes = b"", *, fin: bool = True, length: int | None = None
-) -> bytes:
-    """One masked client frame.
-
-    ``length`` puts another payload length in the header than ``len(payload)``,
-    to send a header that announces more than follows it.
-    """
-    declared = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | opcode
-    if declared < 126:
-        header = struct.pack("!BB", first, 0x80 | declared)
-    elif declared < 65536:
-        header = struct.pack("!BBH", first, 0x80 | 126, declared)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, declared)
-    mask = os.urandom(4)
-    return header + mask + masked(payload, mask)
-
-
-@dataclass(frozen=True)
-class RawFrame:
-    """One frame as the server sent it."""
-
-    fin: bool
-    opcode: int
-    payload: bytes
-
-    @property
-    def close_code(self) -> int | None:
-        """The code of a close frame, None for other frames or an empty close."""
-        if self.opcode != OP_CLOSE or len(self.payload) < 2:
-            return None
-        code: int = struct.unpack("!H", self.payload[:2])[0]
-        return code
-
-    def json(self) -> Any:
-        return orjson.loads(self.payload)
-
-
-def first_frame(data: bytes | memoryview) -> tuple[RawFrame, int] | None:
-    """The first complete frame in ``data`` and its size, or None if incomplete."""
-    if len(data) < 2:
-        return None
-    first, second = data[0], data[1]
-    length = second & 0x7F
-    start = 2
-    if length >= 126:
-        start = 4 if length == 126 else 10
-        if len(data) < start:
-            return None
-        length = int.from_bytes(data[2:start], "big")
-    mask = b""
-    if second & 0x80:
-        mask = bytes(data[start : start + 4])
-        start += 4
-    end = start + length
-    if len(data) < end:
-        return None
-    payload = bytes(data[start:end])
-    if mask:
-        payload = masked(payload, mask)
-    return RawFrame(bool(first & 0x80), first & 0x0F, payload), end
-
-
-def split_frames(data: bytes) -> tuple[list[RawFrame], bytes]:
-    """Parse the complete frames at the front of ``data``; return them and the rest."""
-    frames = []
-    view = memoryview(data)
-    while (found := first_frame(view)) is not None:
-        frame, size = found
-        frames.append(frame)
-        view = view[size:]
-    return frames, bytes(view)
-
-
-async def open_socket(gateway: Gateway, *, rcvbuf: int | None = None) -> socket.socket:
-    """A non-blocking TCP socket connected to the gateway.
-
-    ``rcvbuf`` sets the receive buffer before connecting, which also caps the
-    window the peer may fill.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def read_to_end(sock: socket.socket, seconds: float = 10.0) -> tuple[bytes, str]:
-    """Read until the peer ends the connection.
-
-    Returns:
-        Everything read, and ``"eof"`` for a clean end or ``"reset"``.
-    """
-    loop = asyncio.get_running_loop()
-    chunks = []
-    try:
-        async with asyncio.timeout(timeout(seconds)):
-            while chunk := await loop.sock_recv(sock, 65536):
-                chunks.append(chunk)
-    except ConnectionResetError:
-        return b"".join(chunks), "reset"
-    return b"".join(chunks), "eof"
-
-
-def upgrade_request(gateway: Gateway, path: str, key: str) -> bytes:
-    """The opening handshake of a WebSocket client."""
-    return (
-        f"GET {path} HTTP/1.1\r\n"
-        f"Host: 127.0.0.1:{gateway.port}\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
-    ).encode()
-
-
-class RawWebSocket:
-    """A WebSocket client driven frame by frame over a plain socket.
-
-    It never answers pings on its own and reads only inside its ``recv``
-    methods.
-    """
-
-    def __init__(self, sock: socket.socket, head: bytes, buffered: bytes) -> None:
-        self.sock = sock
-        # The server's handshake response, status line and headers.
-        self.head = head
-        # Bytes read from the socket but not yet parsed into frames.
-        self._buffer = buffered
-
-    @property
-    def status(self) -> int:
-        """The status code of the handshake response."""
-        return int(self.head.split(b" ", 2)[1])
-
-    @classmethod
-    async def connect(
-        cls, gateway: Gateway, *, path: str = "/ws", rcvbuf: int | None = None
-    ) -> RawWebSocket:
-        """Open a socket and complete the opening handshake (any status)."""
-        sock = await open_socket(gateway, rcvbuf=rcvbuf)
-        loop = asyncio.get_running_loop()
-        key = base64.b64encode(os.urandom(16)).decode()
-        try:
-            await loop.sock_sendall(sock, upgrade_request(gateway, path, key))
-            received = b""
-            async with asyncio.timeout(timeout(5)):
-                while b"\r\n\r\n" not in received:
-                    chunk = await loop.sock_recv(sock, 65536)
-                    if not chunk:
-                        break
-                    received += chunk
-        except BaseException:
-            sock.close()
-            raise
-        head, _, rest = received.partition(b"\r\n\r\n")
-        client = cls(sock, head, rest)
-        if client.status == 101:
-            digest = hashlib.sha1(key.encode() + _ACCEPT_GUID).digest()
-            accept = b"\r\nsec-websocket-accept: " + base64.b64encode(digest)
-            assert accept.lower() in head.lower(), head
-        return client
-
-    @classmethod
-    async def opened(cls, gateway: Gateway, *, rcvbuf: int | None = None) -> Any:
-        """Connect to ``/ws`` and read the welcome message; return the client."""
-        client = await cls.connect(gateway, rcvbuf=rcvbuf)
-        assert client.status == 101, client.head
-        welcome = await client.recv_json()
-        assert welcome["type"] == "welcome", welcome
-        return client
-
-    async def send(self, data: bytes) -> None:
-        """Write bytes as they are."""
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    async def send_frame(
-        self, opcode: int, payload: bytes = b"", *, fin: bool = True
-    ) -> None:
-        await self.send(client_frame(opcode, payload, fin=fin))
-
-    async def send_json(self, message: Any) -> None:
-        await self.send_frame(OP_TEXT, orjson.dumps(message))
-
-    async def recv_frame(self, seconds: float = 5.0) -> RawFrame:
-        """The next frame; fails the test after ``seconds`` or at the end."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout(seconds)):
-            while True:
-                found = first_frame(self._buffer)
-                if found is not None:
-                    frame, size = found
-                    self._buffer = self._buffer[size:]
-                    return frame
-                chunk = await loop.sock_recv(self.sock, 65536)
-                if not chunk:
-                    raise AssertionError("connection ended before a whole frame")
-                self._buffer += chunk
-
-    async def recv_json(self, seconds: float = 5.0) -> Any:
-        """The next text message, decoded; pings are skipped and not answered."""
-        while True:
-            frame = await self.recv_frame(seconds)
-            if frame.opcode == OP_TEXT:
-                return frame.json()
-            assert frame.opcode in (OP_PING, OP_PONG), frame
-
-    async def recv_close(self, seconds: float = 5.0) -> RawFrame:
-        """Skip messages until the close frame and return it."""
-        while True:
-            frame = await self.recv_frame(seconds)
-            if frame.opcode == OP_CLOSE:
-                return frame
-
-    async def read_to_end(self, seconds: float = 10.0) -> tuple[list[RawFrame], str]:
-        """Read until the connection ends; return the frames and how it ended.
-
-        A frame cut short by the end is left out.
-        """
-        data, how = await read_to_end(self.sock, seconds)
-        frames, _ = split_frames(self._buffer + data)
-        self._buffer = b""
-        return frames, how
-
-    def close(self) -> None:
-        self.sock.close()

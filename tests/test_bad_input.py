@@ -16,17 +16,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, RawWebSocket, client_frame
 from support import (
     API_KEY,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_TEXT,
     FlowProbe,
     Gateway,
-    RawWebSocket,
     assert_no_error_logged,
-    client_frame,
     event,
     publish,
     read_metrics,
@@ -120,8 +115,8 @@ async def test_c05_oversized_message_is_refused_before_it_is_whole(
     passes the limit, without the rest of the message being sent."""
     size = 16 * KIB
     async with FlowProbe(gateway, http, f"{topic}/probe") as probe:
-        single = await RawWebSocket.opened(gateway)
-        fragmented = await RawWebSocket.opened(gateway)
+        single = await RawWebSocket.opened(gateway.port, answer_pings=False)
+        fragmented = await RawWebSocket.opened(gateway.port, answer_pings=False)
         try:
             # A header announcing 1 MiB and the first 16 KiB of its payload.
             await single.send(client_frame(OP_TEXT, b" " * size, length=MIB))
@@ -146,11 +141,11 @@ async def test_c05_refused_sender_reads_1009_then_a_clean_end(
     """C05: a client still sending its 1 MiB frame gets close 1009 and then a
     clean end of stream, not a reset that could destroy the close frame."""
     async with FlowProbe(gateway, http, f"{topic}/probe") as probe:
-        client = await RawWebSocket.opened(gateway)
+        client = await RawWebSocket.opened(gateway.port, answer_pings=False)
         try:
             frame = client_frame(OP_TEXT, padded_subscribe(topic, MIB).encode())
             sending = asyncio.create_task(client.send(frame))
-            frames, how = await client.read_to_end()
+            frames, how = await client.read_to_eof()
             # The gateway may stop reading once it has refused the frame, so
             # the rest of it need not be accepted.
             with contextlib.suppress(OSError):
@@ -222,7 +217,7 @@ async def test_c06_bad_messages_get_errors_and_invalid_utf8_closes_1007(
         "string topics": orjson.dumps({"op": "subscribe", "topics": topic}),
     }
     async with FlowProbe(gateway, http, f"{topic}/b") as probe:
-        a = await RawWebSocket.opened(gateway)
+        a = await RawWebSocket.opened(gateway.port, answer_pings=False)
         try:
             errors = {}
             for name, payload in bad.items():
@@ -585,7 +580,7 @@ async def test_subscription_limit_gets_limit_exceeded(
 async def test_message_rate_over_limit_closes_1008(tmp_path: Path) -> None:
     """With max_messages_per_second=5 a burst of 10 is answered; more closes 1008."""
     with running_gateway(tmp_path, max_messages_per_second=5) as gateway:
-        client = await RawWebSocket.opened(gateway)
+        client = await RawWebSocket.opened(gateway.port, answer_pings=False)
         try:
             burst = b"".join(
                 client_frame(OP_TEXT, orjson.dumps({"op": "ping", "ref": n}))
@@ -596,7 +591,7 @@ async def test_message_rate_over_limit_closes_1008(tmp_path: Path) -> None:
             await client.send(burst)
             close = await client.recv_close()
             await client.send_frame(OP_CLOSE, close.payload[:2])
-            _, how = await client.read_to_end()
+            _, how = await client.read_to_eof()
         finally:
             client.close()
         assert_no_error_logged(gateway)

@@ -13,20 +13,16 @@ from typing import Any
 import httpx
 import orjson
 import redis
+from rawws import OP_CLOSE, OP_PING, RawWebSocket, open_socket, read_to_eof
 from support import (
-    API_KEY,
-    OP_CLOSE,
-    OP_PING,
     Gateway,
-    RawWebSocket,
     WsClient,
+    admin_stats,
     assert_no_error_logged,
     event,
     messages_before_pong,
-    open_socket,
     publish,
     read_metrics,
-    read_to_end,
     running_gateway,
     start_gateway,
     timeout,
@@ -35,8 +31,6 @@ from support import (
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 
 
 async def test_healthz_and_readyz_answer_200_with_json(
@@ -104,12 +98,6 @@ async def test_admin_stats_need_the_key_and_track_clients_and_offsets(
         assert response.json()["error"]["code"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
 
-    async def stats() -> dict[str, Any]:
-        response = await http.get(f"{gateway.http_url}/admin/stats", headers=ADMIN)
-        assert response.status_code == 200
-        body: dict[str, Any] = response.json()
-        return body
-
     def by_topic(body: dict[str, Any]) -> dict[str, tuple[int, int]]:
         return {
             item["topic"]: (item["subscribers"], item["lastOffset"])
@@ -124,13 +112,13 @@ async def test_admin_stats_need_the_key_and_track_clients_and_offsets(
         await publish(http, gateway, [event(topic, n) for n in range(3)])
 
         async def registered() -> bool:
-            body = await stats()
+            body = await admin_stats(http, gateway)
             return body["connections"] == 2 and by_topic(body) == expected_open
 
         await wait_until(registered, 5, "two connections in /admin/stats")
 
     async def unregistered() -> bool:
-        body = await stats()
+        body = await admin_stats(http, gateway)
         return body["connections"] == 0 and by_topic(body) == {topic: (0, 3)}
 
     await wait_until(unregistered, 5, "connections gone from /admin/stats")
@@ -145,10 +133,10 @@ async def test_keepalive_aborts_only_the_peer_that_never_answers_pings(
     with running_gateway(tmp_path, ping_interval=interval) as gateway:
         async with ws_client(gateway) as live:
             await live.subscribe(topic)
-            silent = await RawWebSocket.opened(gateway)
+            silent = await RawWebSocket.opened(gateway.port, answer_pings=False)
             opened = time.monotonic()
             try:
-                frames, how = await silent.read_to_end(2 * interval + 5)
+                frames, how = await silent.read_to_eof(2 * interval + 5)
                 lasted = time.monotonic() - opened
             finally:
                 silent.close()
@@ -266,14 +254,14 @@ async def test_c10_sigterm_closes_everyone_then_exits_0(
 
         # Upgrade requests cut off before the blank line that ends them.
         for _ in range(STUCK_UPGRADES):
-            sock = await open_socket(gateway)
+            sock = await open_socket(gateway.port)
             sockets.append(sock)
             partial = f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n"
             await asyncio.get_running_loop().sock_sendall(sock, partial.encode())
 
         # A reader with a 4 KiB receive buffer that stops reading once subscribed,
         # then gets far more than the kernel buffers on both sides can hold.
-        slow = await RawWebSocket.opened(gateway, rcvbuf=4096)
+        slow = await RawWebSocket.opened(gateway.port, rcvbuf=4096, answer_pings=False)
         sockets.append(slow.sock)
         await slow.send_json({"op": "subscribe", "topics": [bulk]})
         assert (await slow.recv_json())["type"] == "subscribed"
@@ -300,10 +288,10 @@ async def test_c10_sigterm_closes_everyone_then_exits_0(
             asyncio.gather(*readers), timeout(SHUTDOWN_LIMIT)
         )
         last_close = max(closed_at) - sigterm
-        stuck_ends = [await read_to_end(sock, SHUTDOWN_LIMIT) for sock in sockets[:-1]]
+        stuck_ends = [await read_to_eof(sock, SHUTDOWN_LIMIT) for sock in sockets[:-1]]
         status = await asyncio.to_thread(gateway.process.wait, timeout(SHUTDOWN_LIMIT))
         exited = time.monotonic() - sigterm
-        slow_frames, _ = await slow.read_to_end(SHUTDOWN_LIMIT)
+        slow_frames, _ = await slow.read_to_eof(SHUTDOWN_LIMIT)
         await publisher
     finally:
         if gateway.process.poll() is None:

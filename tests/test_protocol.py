@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 from support import (
-    API_KEY,
     Gateway,
     WsClient,
+    admin_stats,
     event,
     messages_before_pong,
     publish,
@@ -25,8 +25,6 @@ from support import (
     wait_until,
     ws_client,
 )
-
-ADMIN = {"Authorization": f"Bearer {API_KEY}"}
 
 
 async def _publish_ids(
@@ -251,8 +249,8 @@ async def test_reconnecting_client_resumes_where_it_left_off(
         seen = [m["offset"] for m in await client.events(5)]
 
     async def unregistered() -> bool:
-        stats = await http.get(f"{gateway.http_url}/admin/stats", headers=ADMIN)
-        return bool(stats.json()["connections"] == 0)
+        stats = await admin_stats(http, gateway)
+        return bool(stats["connections"] == 0)
 
     # Events 6 to 8 are published once the first connection is gone.
     await wait_until(unregistered, 5, "first connection unregistered")

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from services import RedisServer, SilentProxy
 from support import (
-    API_KEY,
     Gateway,
     WsClient,
+    admin_stats,
     event,
     publish,
     read_metrics,
@@ -42,16 +42,6 @@ def pair(tmp_path: Path, shared_redis: str) -> Iterator[tuple[Gateway, Gateway]]
     finally:
         first.stop()
         second.stop()
-
-
-async def _stats(http: httpx.AsyncClient, gateway: Gateway) -> dict[str, object]:
-    response = await http.get(
-        f"{gateway.http_url}/admin/stats",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )
-    assert response.status_code == 200, response.text
-    stats: dict[str, object] = response.json()
-    return stats
 
 
 async def test_event_published_to_either_replica_reaches_clients_of_both(
@@ -134,7 +124,7 @@ async def test_killed_replica_leaves_no_connection_records(
             await connection.recv()
 
         async def five_registered() -> bool:
-            return (await _stats(http, survivor))["connections"] == 5
+            return bool((await admin_stats(http, survivor))["connections"] == 5)
 
         await wait_until(five_registered, 5, "five connections registered")
         doomed.process.send_signal(signal.SIGKILL)
@@ -142,9 +132,9 @@ async def test_killed_replica_leaves_no_connection_records(
         killed_at = time.monotonic()
 
         async def none_left() -> bool:
-            stats = await _stats(http, survivor)
-            subscribers = {t["topic"]: t["subscribers"] for t in stats["topics"]}  # type: ignore[attr-defined]
-            return stats["connections"] == 0 and subscribers.get(topic, 0) == 0
+            stats = await admin_stats(http, survivor)
+            subscribers = {t["topic"]: t["subscribers"] for t in stats["topics"]}
+            return bool(stats["connections"] == 0 and subscribers.get(topic, 0) == 0)
 
         await wait_until(none_left, ttl + 3, "records expired")
         assert time.monotonic() - killed_at <= timeout(ttl + 3)
@@ -295,8 +285,8 @@ async def test_c03_silent_peers_are_aborted_within_two_ping_intervals(
         assert elapsed <= timeout(2 * interval + 1) + 0.5, elapsed
 
         async def records_gone() -> bool:
-            stats = await _stats(http, gateway)
-            topics: list[dict[str, int]] = stats["topics"]  # type: ignore[assignment]
+            stats = await admin_stats(http, gateway)
+            topics: list[dict[str, int]] = stats["topics"]
             return stats["connections"] == 0 and all(
                 t["subscribers"] == 0 for t in topics
             )

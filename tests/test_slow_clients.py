@@ -33,10 +33,13 @@ from support import (
     API_KEY,
     Gateway,
     WsClient,
+    admin_stats,
     event,
     publish,
+    read_metrics,
     start_gateway,
     timeout,
+    wait_until,
     ws_client,
 )
 
@@ -58,32 +61,6 @@ def memory_backend_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # Observing the gateway from outside
-
-
-def parse_metrics(exposition: str) -> dict[str, float]:
-    """Prometheus text format to ``{"name{labels}": value}``."""
-    values = {}
-    for line in exposition.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-async def read_metrics(http: httpx.AsyncClient, gateway: Gateway) -> dict[str, float]:
-    response = await http.get(f"{gateway.http_url}/metrics")
-    assert response.status_code == 200
-    return parse_metrics(response.text)
-
-
-async def admin_stats(http: httpx.AsyncClient, gateway: Gateway) -> dict[str, Any]:
-    response = await http.get(
-        f"{gateway.http_url}/admin/stats",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )
-    assert response.status_code == 200, response.text
-    stats: dict[str, Any] = response.json()
-    return stats
 
 
 def subscribers_of(stats: dict[str, Any], topic: str) -> int:
@@ -146,17 +123,6 @@ def logged_at(gateway: Gateway, text: str) -> list[float]:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             times.append(stamp.timestamp())
     return times
-
-
-async def wait_for(
-    condition: Any, seconds: float, what: str, period: float = 0.05
-) -> None:
-    """Poll an async predicate until it holds; fail naming ``what``."""
-    deadline = time.monotonic() + timeout(seconds)
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(period)
 
 
 async def settled_rss(gateway: Gateway, samples: int = 5) -> int:
@@ -382,7 +348,7 @@ async def test_c01_stalled_client_is_dropped_and_reader_keeps_pace(
         async with sampling_rss(gateway) as sampler:
             stream = await read_paced_stream(reader, gateway, topic)
             # The stalled connection ends for good once its close times out.
-            await wait_for(
+            await wait_until(
                 lambda: any_connection_ended(http, gateway), 10, "the stalled client"
             )
         stats = await admin_stats(http, gateway)
@@ -392,7 +358,7 @@ async def test_c01_stalled_client_is_dropped_and_reader_keeps_pace(
                 "stalled": await redis_records(stalled.welcome["connectionId"], topic),
                 "reader": await redis_records(reader.welcome["connectionId"], topic),
             }
-        ending = await stalled.read_to_end(timeout(10))
+        ending = await stalled.read_to_end(10)
         stalled.close()
         # Memory falls back once the stalled client's buffer is released;
         # give the allocator a few seconds.
@@ -513,7 +479,7 @@ async def test_c01_abort_discards_what_the_kernel_still_holds(
             for start in range(0, 6000, 500):
                 items = [event(topic, n, pad=pad) for n in range(start, start + 500)]
                 assert (await publish(http, gateway, items)).status_code == 200
-            await wait_for(
+            await wait_until(
                 lambda: any_connection_ended(http, gateway), 10, "the stalled client"
             )
             left = gateway_socket(gateway.port, client_port)
@@ -583,7 +549,7 @@ async def read_until(
         except ConnectionError:
             return "eof"
         if frame.opcode != OP_TEXT:
-            code = frame.close_code()
+            code = frame.close_code
             return f"close {code}"
         reading.take(frame, topic)
     return None
@@ -662,7 +628,7 @@ async def test_c02_client_that_stops_reading_never_sees_a_silent_hole(
             unread = client.unread_bytes()
 
             total = C02_FIRST + C02_MORE
-            ended = await read_until(client, reading, topic, total, timeout(10))
+            ended = await read_until(client, reading, topic, total, 10)
             first_count = len(reading.offsets)
         finally:
             client.close()
@@ -675,7 +641,7 @@ async def test_c02_client_that_stops_reading_never_sees_a_silent_hole(
             client = await RawWebSocket.connect(gateway.port, rcvbuf=4096)
             try:
                 await client.subscribe(topic, offsets={topic: resumed_from})
-                ended = await read_until(client, reading, topic, total, timeout(10))
+                ended = await read_until(client, reading, topic, total, 10)
             finally:
                 client.close()
             assert ended is None or reading.last > resumed_from, reading.endings
@@ -746,7 +712,7 @@ async def test_c02_resume_replay_does_not_count_as_a_slow_client(
         client = await RawWebSocket.connect(gateway.port, rcvbuf=4096)
         try:
             await client.subscribe(topic, offsets={topic: 0})
-            ended = await read_until(client, reading, topic, count, timeout(20))
+            ended = await read_until(client, reading, topic, count, 20)
         finally:
             client.close()
         metrics = await read_metrics(http, gateway)
@@ -831,7 +797,7 @@ async def test_c04_idle_clients_offering_deflate_cost_little_and_get_same_bytes(
         async def all_gone() -> bool:
             return (await admin_stats(http, gateway))["connections"] == 0
 
-        await wait_for(all_gone, 10, "the warm-up clients to leave")
+        await wait_until(all_gone, 10, "the warm-up clients to leave")
         before = await settled_rss(gateway)
 
         started = time.monotonic()

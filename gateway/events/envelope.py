@@ -216,15 +216,21 @@ def encode(draft: Draft, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Encoded
     event_id = uuid.uuid4().hex
     published_at = time.time()
     head = b'{"type":"event","topic":%b,"offset":' % orjson.dumps(draft.topic)
-    rest = orjson.dumps(
-        {
-            "id": event_id,
-            "publishedAt": _iso(published_at),
-            "eventSource": draft.source,
-            "eventType": draft.type,
-            "eventDetails": draft.details,
-        }
-    )
+    try:
+        rest = orjson.dumps(
+            {
+                "id": event_id,
+                "publishedAt": _iso(published_at),
+                "eventSource": draft.source,
+                "eventType": draft.type,
+                "eventDetails": draft.details,
+            }
+        )
+    except orjson.JSONEncodeError as exc:
+        # The encoder stops at 254 levels of nesting, fewer than the decoder.
+        raise BadRequest(
+            f"eventDetails for {draft.topic!r} cannot be encoded: {exc}"
+        ) from exc
     tail = b"," + rest[1:]
     size = len(head) + len(tail) + _OFFSET_DIGITS
     if size > max_bytes:

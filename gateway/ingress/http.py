@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.errors import ClientError, TooLarge, Unauthorized, Unavailable
+from gateway.errors import (
+    BadRequest,
+    ClientError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from gateway.events.envelope import parse_drafts
 from gateway.runtime import Runtime
 
 __all__ = ["error_response", "routes"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a publisher has to send its whole body; a stalled upload is refused
+#: before it can hold a graceful shutdown up.
+_BODY_TIMEOUT = 5.0
 
 
 def error_response(
@@ -51,11 +62,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise TooLarge(f"body is {declared} bytes, over the limit of {limit}")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise BadRequest(
+            f"body not received within {_BODY_TIMEOUT:.0f} s", code="body_timeout"
+        ) from exc
     return b"".join(chunks)
 
 
@@ -73,13 +90,17 @@ async def publish(request: Request) -> Response:
             max_batch=settings.max_batch,
         )
         events = await runtime.publish(drafts)
+    except ClientDisconnect:
+        # The publisher left before sending its whole body: nothing to answer.
+        logger.debug("publisher disconnected before its body was complete")
+        return Response(status_code=400)
     except ClientError as exc:
         logger.debug("publish refused: %s: %s", exc.code, exc)
         runtime.metrics.client_errors.labels(exc.code).inc()
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.code, str(exc), headers)
     except Unavailable as exc:
-        logger.warning("publish refused, backend unavailable: %s", exc)
+        logger.warning("publish refused: %s", exc)
         return error_response(
             503, "unavailable", str(exc), headers={"Retry-After": "1"}
         )
@@ -142,7 +163,18 @@ async def admin_stats(request: Request) -> Response:
     )
 
 
+async def websocket_only(request: Request) -> Response:
+    """GET /ws without an upgrade: say that this is a WebSocket endpoint."""
+    return error_response(
+        426,
+        "upgrade_required",
+        "/ws is a WebSocket endpoint; connect with a WebSocket client",
+        {"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
+
+
 routes = [
+    Route("/ws", websocket_only, methods=["GET"]),
     Route("/events", publish, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

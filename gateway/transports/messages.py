@@ -22,6 +22,7 @@ __all__ = [
     "control_frame",
     "error_frame",
     "parse_operation",
+    "request_ref",
 ]
 
 _MAX_REF_LENGTH = 64
@@ -156,6 +157,20 @@ def parse_operation(
         f"unknown op {op[:40]!r}; expected subscribe, unsubscribe or ping",
         code="unknown_op",
     )
+
+
+def request_ref(text: str) -> str | int | None:
+    """The valid ``ref`` of a client message, to echo in an error, else None."""
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    try:
+        return _ref(message)
+    except BadRequest:
+        return None
 
 
 def control_frame(message_type: str, **fields: Any) -> bytes:

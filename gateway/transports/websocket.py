@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -33,7 +34,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
+from websockets.protocol import State as CoreState
 from websockets.server import ServerProtocol
 
 from gateway.errors import ClientError, LimitExceeded
@@ -46,6 +48,7 @@ from gateway.transports.messages import (
     control_frame,
     error_frame,
     parse_operation,
+    request_ref,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +85,12 @@ _INBOX_HIGH = 8
 _HOLD_LIMIT = 10_000
 _SERVER_HEADER = "notification-gateway"
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_RATE_REASON = "too many messages per second"
+#: Close codes counted under their own label; a client's own codes (3000-4999)
+#: are counted as "other", so a client cannot make new metric series.
+_KNOWN_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1013}
+)
 
 
 class _QuietCore(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -149,6 +158,9 @@ class WebSocketProtocol(asyncio.Protocol):
         # Topic name to live events held back while that topic's history is
         # replayed; None when no replay is running (the common case).
         self._hold: dict[str, list[Event]] | None = None
+        # Topic name to the last offset a finished replay sent, until a newer
+        # live event of that topic arrives; None when there is none.
+        self._replayed: dict[str, int] | None = None
         # Text messages waiting for the handler task, which runs only while
         # this is not empty; reading pauses while it is long.
         self._inbox: deque[str] = deque()
@@ -171,6 +183,11 @@ class WebSocketProtocol(asyncio.Protocol):
         self._max_buffer = settings.max_buffer_bytes
         # Set once the connection has left the router and the registry.
         self._detached = False
+        # Set when the client passed the message rate: later messages are
+        # ignored and the connection closes once the queued ones are handled.
+        self._overrun = False
+        # Set once an HTTP answer to a malformed upgrade request was written.
+        self._refused = False
         # Cleared while the transport's buffer is above its high-water mark;
         # made on the first pause only, so idle connections do not carry one.
         self._writable: asyncio.Event | None = None
@@ -193,6 +210,11 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._handshake(event)
             elif isinstance(event, Frame) and self.state is _State.OPEN:
                 self._on_frame(event)
+        if self.state is _State.CONNECTING and conn.handshake_exc is not None:
+            # The core only ends the stream here; answer with a status instead.
+            if not self._refused:
+                self._refuse_malformed_upgrade(conn.handshake_exc)
+            return
         self._flush()
         if conn.parser_exc is not None and self.state is _State.OPEN:
             # The core refused the input (too big, bad framing, bad UTF-8 in a
@@ -225,7 +247,8 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.state in (_State.OPEN, _State.CLOSING):
             self._detach()
             duration = time.monotonic() - self.opened_at
-            self.runtime.metrics.closes.labels(str(self.close_code)).inc()
+            code = str(self.close_code) if self.close_code in _KNOWN_CODES else "other"
+            self.runtime.metrics.closes.labels(code).inc()
             logger.info(
                 "connection %s closed: code %d %s, %.1f s",
                 self.id,
@@ -260,9 +283,13 @@ class WebSocketProtocol(asyncio.Protocol):
         conn = self.conn
         path = request.path.partition("?")[0]
         if path != PATH:
-            response = conn.reject(404, f"no WebSocket endpoint here; use {PATH}\n")
+            response = _json_refusal(
+                conn, 404, "not_found", f"no WebSocket endpoint here; use {PATH}"
+            )
         elif self.runtime.draining:
-            response = conn.reject(503, "server shutting down; reconnect elsewhere\n")
+            response = _json_refusal(
+                conn, 503, "draining", "server shutting down; reconnect elsewhere"
+            )
         else:
             # No extensions are offered back: events are sent uncompressed so that
             # one encoded frame serves every subscriber (docs/protocol.md).
@@ -281,6 +308,22 @@ class WebSocketProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._open()
+
+    def _refuse_malformed_upgrade(self, exc: Exception) -> None:
+        """Answer 400 to an upgrade request the core could not parse."""
+        self._refused = True
+        logger.debug("malformed upgrade request from %s: %s", self.peer, exc)
+        body = orjson.dumps(
+            {"error": {"code": "bad_request", "message": "malformed upgrade request"}}
+        )
+        transport = self.transport
+        assert transport is not None
+        if not transport.is_closing():
+            transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+            )
+        transport.close()
 
     def _open(self) -> None:
         runtime = self.runtime
@@ -324,6 +367,8 @@ class WebSocketProtocol(asyncio.Protocol):
     # Inbound frames
 
     def _on_frame(self, frame: Frame) -> None:
+        if self._overrun:
+            return
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self._fragments = [frame.data]
@@ -351,7 +396,10 @@ class WebSocketProtocol(asyncio.Protocol):
         if not self._take_token():
             logger.debug("connection %s: over the message rate", self.id)
             self._client_error("rate_limited")
-            self.close(CLOSE_POLICY_VIOLATION, "too many messages per second")
+            # What arrived within the limit is still answered; then 1008.
+            self._overrun = True
+            if self._worker is None:
+                self.close(CLOSE_POLICY_VIOLATION, _RATE_REASON)
             return
         if not self._fragment_is_text:
             self._client_error("binary_frame")
@@ -403,6 +451,8 @@ class WebSocketProtocol(asyncio.Protocol):
             self.close(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self._worker = None
+            if self._overrun:
+                self.close(CLOSE_POLICY_VIOLATION, _RATE_REASON)
 
     async def _handle(self, text: str) -> None:
         settings = self.runtime.settings
@@ -422,7 +472,7 @@ class WebSocketProtocol(asyncio.Protocol):
         except ClientError as exc:
             logger.debug("connection %s: %s: %s", self.id, exc.code, exc)
             self._client_error(exc.code)
-            self._write(error_frame(exc.code, str(exc), _ref_of(text)))
+            self._write(error_frame(exc.code, str(exc), request_ref(text)))
 
     # Operations
 
@@ -471,6 +521,16 @@ class WebSocketProtocol(asyncio.Protocol):
                     message="events in this range are no longer kept",
                 )
             )
+        if after > read.last_offset:
+            # The client saw more than this topic has: its history was reset
+            # (in-memory state after a restart, or Redis without persistence).
+            self._write(
+                error_frame(
+                    "offset_ahead",
+                    f"{topic!r} is at offset {read.last_offset}, before the "
+                    f"{after} given; live events follow from here",
+                )
+            )
         last = after
         while read.events:
             for event in read.events:
@@ -494,6 +554,9 @@ class WebSocketProtocol(asyncio.Protocol):
             self._hold.pop(topic, None)
             if not self._hold:
                 self._hold = None
+        if self._replayed is None:
+            self._replayed = {}
+        self._replayed[topic] = last
 
     async def _write_paced(self, data: bytes) -> None:
         """Write for a replay: wait for the buffer to drain instead of the cap.
@@ -529,6 +592,15 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def deliver(self, event: Event) -> None:
         """Send one live event (the router calls this for every match)."""
+        replayed = self._replayed
+        if replayed is not None and event.topic in replayed:
+            # Fan-out runs behind ingest, so events a replay already sent from
+            # history can still come live; only newer ones go out.
+            if event.offset <= replayed[event.topic]:
+                return
+            del replayed[event.topic]
+            if not replayed:
+                self._replayed = None
         hold = self._hold
         if hold is not None:
             held = hold.get(event.topic)
@@ -585,8 +657,11 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.state is not _State.OPEN:
             return
         self._note_close(code, reason)
-        self.conn.send_close(code, reason)
-        self._flush()
+        # The core may be past OPEN already (the peer ended the stream or sent
+        # its close, and connection_lost has not run yet): nothing to send then.
+        if self.conn.state is CoreState.OPEN:
+            self.conn.send_close(code, reason)
+            self._flush()
         self._closing()
 
     def _note_close(self, code: int, reason: str) -> None:
@@ -688,11 +763,15 @@ async def _unregister(
         await backend.unwatch(topic_filter)
 
 
-def _ref_of(text: str) -> str | int | None:
-    # The error frame echoes the client's ref when the message had a valid one.
-    try:
-        message = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    ref = message.get("ref") if isinstance(message, dict) else None
-    return ref if isinstance(ref, str | int) and not isinstance(ref, bool) else None
+def _json_refusal(
+    conn: ServerProtocol, status: int, code: str, message: str
+) -> Response:
+    """A refusal of the upgrade with the gateway's usual JSON error body."""
+    response = conn.reject(status, "")
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    # websockets' headers are a multidict: setting adds, so remove first.
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Content-Length"] = str(len(body))
+    return dataclasses.replace(response, body=body)
