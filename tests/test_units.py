@@ -202,3 +202,14 @@ def test_bad_operations(text: str, error: type[Exception], code: str) -> None:
     with pytest.raises(error) as caught:
         parse_operation(text, max_subscriptions=2, **LIMITS)
     assert caught.value.code == code  # type: ignore[attr-defined]
+
+
+def test_readme_lists_every_setting() -> None:
+    """The README's settings table names each flag with its variable."""
+    from pathlib import Path
+
+    from gateway.config import Settings, flag_name
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{flag_name(name)}` | `GATEWAY_{name.upper()}` |" in readme, name
