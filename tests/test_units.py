@@ -213,3 +213,19 @@ def test_readme_lists_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{flag_name(name)}` | `GATEWAY_{name.upper()}` |" in readme, name
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "pattern"),
+    [("stocks/+", "stocks/*"), ("#", "*"), ("a/#", "a*"), ("+/x/+", "*/x/*")],
+)
+def test_redis_glob_covers_the_filter(topic_filter: str, pattern: str) -> None:
+    """A wildcard filter's Redis pattern lets through at least what it matches."""
+    import fnmatch
+
+    from gateway.state.redis import _glob
+
+    assert _glob(topic_filter) == pattern
+    for topic in ("stocks/AAPL", "a", "a/b/c", "q/x/z"):
+        if filter_matches(topic_filter, topic):
+            assert fnmatch.fnmatchcase(topic, pattern), topic

@@ -51,13 +51,16 @@ _POOL_SIZE = 32
 #: Connection records deleted per pipeline.
 _REMOVAL_BATCH = 500
 
-# KEYS: seq and history key of each event, in order. ARGV: the history cap, then per
-# event the offset floor, the channel, and the payload around its offset.
+# KEYS: seq and history key of each event, in order. ARGV: the history cap, whether
+# to publish on sharded channels too, then per event the offset floor, the channel,
+# and the payload around its offset. Exact subscriptions listen on the sharded
+# channel where Redis has them; patterns (wildcard subscriptions) only see PUBLISH.
 _PUBLISH = """
 local cap = ARGV[1]
+local sharded = ARGV[2] == '1'
 local offsets = {}
 for i = 1, #KEYS / 2 do
-  local arg = 2 + (i - 1) * 4
+  local arg = 3 + (i - 1) * 4
   local offset = redis.call('INCR', KEYS[2 * i - 1])
   local floor = tonumber(ARGV[arg])
   if offset <= floor then
@@ -66,6 +69,9 @@ for i = 1, #KEYS / 2 do
   end
   local payload = ARGV[arg + 2] .. offset .. ARGV[arg + 3]
   redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', cap, '0-' .. offset, 'e', payload)
+  if sharded then
+    redis.call('SPUBLISH', ARGV[arg + 1], payload)
+  end
   redis.call('PUBLISH', ARGV[arg + 1], payload)
   offsets[i] = offset
 end
@@ -134,6 +140,8 @@ class RedisBackend(StateBackend):
         self._floor_script: Any = None
         # Whether the last Redis operation worked; /readyz reports it.
         self._ready = False
+        # Whether exact subscriptions use sharded channels (SSUBSCRIBE).
+        self._sharded = False
         # This replica's connections and their filters: written to Redis on every
         # refresh, so they come back after Redis lost its data.
         self._records: dict[str, ConnectionRecord] = {}
@@ -200,13 +208,21 @@ class RedisBackend(StateBackend):
                 f"redis at {self._safe_url()} unreachable: {exc}"
             ) from exc
         self._ready = True
+        # Sharded pub/sub (Redis 7 and later) lets a Redis Cluster route each
+        # topic's events to the one shard that holds its keys.
+        version = (await self._redis.info("server")).get("redis_version", "0")
+        self._sharded = int(str(version).split(".")[0]) >= 7
         self._pubsub = self._redis.pubsub()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._listen(), name="redis listen"),
             loop.create_task(self._refresh_loop(), name="redis refresh"),
         ]
-        logger.info("connected to redis at %s", self._safe_url())
+        logger.info(
+            "connected to redis at %s (%s pub/sub)",
+            self._safe_url(),
+            "sharded" if self._sharded else "classic",
+        )
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -245,7 +261,7 @@ class RedisBackend(StateBackend):
     async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
         encoded = [encode(draft, max_bytes=max_bytes) for draft in drafts]
         keys: list[str] = []
-        args: list[Any] = [self._history_size]
+        args: list[Any] = [self._history_size, "1" if self._sharded else "0"]
         for item in encoded:
             keys += [self._key(item.topic, "seq"), self._key(item.topic, "history")]
             args += [
@@ -347,6 +363,8 @@ class RedisBackend(StateBackend):
         try:
             if _is_pattern(channel):
                 await self._pubsub.punsubscribe(channel)
+            elif self._sharded:
+                await self._pubsub.sunsubscribe(channel)
             else:
                 await self._pubsub.unsubscribe(channel)
         except RedisError as exc:
@@ -358,6 +376,8 @@ class RedisBackend(StateBackend):
         try:
             if _is_pattern(channel):
                 await self._pubsub.psubscribe(channel)
+            elif self._sharded:
+                await self._pubsub.ssubscribe(channel)
             else:
                 await self._pubsub.subscribe(channel)
         except RedisError as exc:
@@ -392,13 +412,13 @@ class RedisBackend(StateBackend):
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind in ("subscribe", "psubscribe"):
+        if kind in ("subscribe", "psubscribe", "ssubscribe"):
             # For both kinds redis-py puts the channel or pattern in "channel".
             future = self._confirmations.pop(message["channel"], None)
             if future is not None and not future.done():
                 future.set_result(None)
             return
-        if kind not in ("message", "pmessage"):
+        if kind not in ("message", "pmessage", "smessage"):
             return
         try:
             event = decode_event(message["data"])
