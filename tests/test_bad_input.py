@@ -548,7 +548,7 @@ async def test_bad_operations_get_error_frames_and_keep_the_connection(
 
 
 async def test_subscription_limit_gets_limit_exceeded(
-    tmp_path: Path, http: httpx.AsyncClient, topic: str
+    tmp_path: Path, http: httpx.AsyncClient, topic: str, backend: str
 ) -> None:
     """With max_subscriptions=3 a fourth filter gets limit_exceeded; the
     connection stays and may swap a filter for another."""
@@ -577,7 +577,9 @@ async def test_subscription_limit_gets_limit_exceeded(
     assert (received[0]["topic"], received[0]["offset"]) == (names[3], 2)
 
 
-async def test_message_rate_over_limit_closes_1008(tmp_path: Path) -> None:
+async def test_message_rate_over_limit_closes_1008(
+    tmp_path: Path, backend: str
+) -> None:
     """With max_messages_per_second=5 a burst of 10 is answered; more closes 1008."""
     with running_gateway(tmp_path, max_messages_per_second=5) as gateway:
         client = await RawWebSocket.opened(gateway.port, answer_pings=False)

@@ -462,7 +462,7 @@ async def test_c01_stalled_client_is_dropped_and_reader_keeps_pace(
 
 
 async def test_c01_abort_discards_what_the_kernel_still_holds(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, backend: str
 ) -> None:
     """C01: aborting a stalled client's transport frees its kernel send queue too.
 
@@ -585,6 +585,7 @@ C02_STALL = 10.0
 async def test_c02_client_that_stops_reading_never_sees_a_silent_hole(
     tmp_path: Path,
     http: httpx.AsyncClient,
+    backend: str,
     settings: dict[str, Any],
     pad: int,
     must_close: bool,
@@ -691,7 +692,7 @@ async def test_c02_client_that_stops_reading_never_sees_a_silent_hole(
 
 @pytest.mark.timeout(60)
 async def test_c02_resume_replay_does_not_count_as_a_slow_client(
-    tmp_path: Path, http: httpx.AsyncClient
+    tmp_path: Path, http: httpx.AsyncClient, backend: str
 ) -> None:
     """C02: a client resuming 1,000 events behind gets them all, not a 1013.
 
@@ -772,7 +773,7 @@ async def connect_idle(
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_c04_idle_clients_offering_deflate_cost_little_and_get_same_bytes(
-    tmp_path: Path, http: httpx.AsyncClient, open_files: None
+    tmp_path: Path, http: httpx.AsyncClient, open_files: None, backend: str
 ) -> None:
     """C04: 2,000 clients offering deflate: no extension, <= 20 KB each, same bytes.
 
