@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 _POOL_SIZE = 32
 #: Connection records deleted per pipeline.
 _REMOVAL_BATCH = 500
+#: Connection records written per pipeline on a refresh.
+_WRITE_CHUNK = 200
 
 # KEYS: seq and history key of each event, in order. ARGV: the history cap, whether
 # to publish on sharded channels too, then per event the offset floor, the channel,
@@ -591,12 +593,23 @@ class RedisBackend(StateBackend):
                 self._set_ready(True)
 
     async def _write_records(self, ids: Iterable[str] | None = None) -> None:
-        """Write (or write again) this replica's records with a fresh expiry."""
+        """Write (or write again) this replica's records with a fresh expiry.
+
+        A replica with thousands of connections writes them in chunks and lets
+        the event loop run between two, so that a refresh never holds fan-out up
+        for long.
+        """
         chosen = list(self._records) if ids is None else list(ids)
-        if not chosen:
-            return
+        for start in range(0, len(chosen), _WRITE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            await self._write_chunk(chosen[start : start + _WRITE_CHUNK])
+
+    async def _write_chunk(self, chosen: Sequence[str]) -> None:
         expiry = time.time() + self._record_ttl
         ttl = int(self._record_ttl) + 1
+        members: dict[str, float] = {}
+        by_filter: dict[str, dict[str, float]] = {}
         async with self._client().pipeline(transaction=False) as pipe:
             for connection_id in chosen:
                 record = self._records.get(connection_id)
@@ -613,15 +626,18 @@ class RedisBackend(StateBackend):
                     },
                 )
                 pipe.expire(key, ttl)
-                pipe.zadd(f"{self._prefix}connections", {connection_id: expiry})
+                members[connection_id] = expiry
                 filters = self._filters.get(connection_id, set())
                 if filters:
                     pipe.sadd(f"{key}:filters", *filters)
                     pipe.expire(f"{key}:filters", ttl)
                 for topic_filter in filters:
-                    pipe.zadd(
-                        f"{self._prefix}subs:{topic_filter}", {connection_id: expiry}
-                    )
+                    by_filter.setdefault(topic_filter, {})[connection_id] = expiry
+            # One command per sorted set for the whole chunk.
+            if members:
+                pipe.zadd(f"{self._prefix}connections", members)
+            for topic_filter, holders in by_filter.items():
+                pipe.zadd(f"{self._prefix}subs:{topic_filter}", holders)
             await pipe.execute()
 
     async def _remove_records(self, gone: Sequence[tuple[str, Iterable[str]]]) -> None:
