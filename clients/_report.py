@@ -1,4 +1,8 @@
-"""The fan-out benchmark's report: medians of the runs, a table, targets, JSON."""
+"""The fan-out benchmark's report: medians of the runs, a table, targets, JSON.
+
+The targets compare ``gateway`` (in memory) with ``baseline``; the Redis-backed
+configurations get their columns in the table but no targets.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +18,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from websockets.version import version as websockets_version
+
+from clients._redis import safe_url
+from clients._servers import uses_redis
 
 if TYPE_CHECKING:
     from clients.fanout_bench import Options
@@ -35,6 +43,7 @@ class _Row(NamedTuple):
 
 _COUNT = "{:,.0f}"
 _ROWS = [
+    _Row("idle.processes", "server processes", _COUNT, compare=False),
     _Row("idle.subscribers", "subscribers connected", _COUNT, compare=False),
     _Row("idle.rss_before_mb", "idle: RSS before subscribers, MB"),
     _Row("idle.rss_after_mb", "idle: RSS with subscribers, MB"),
@@ -45,6 +54,7 @@ _ROWS = [
     _Row("steady.max_ms", "steady: latency max, ms"),
     _Row("steady.lost", "steady: lost deliveries", _COUNT, compare=False),
     _Row("steady.lost_worst", "steady: lost, worst run", _COUNT, compare=False),
+    _Row("steady.duplicates_worst", "steady: duplicates, worst run", _COUNT, False),
     _Row("steady.server_cpu_us_per_delivery", "steady: server CPU µs/delivery"),
     _Row("steady.client_cpu_us_per_delivery", "steady: client CPU µs/delivery"),
     _Row("steady.other_cores", "steady: other processes, cores", "{:.2f}", False),
@@ -59,6 +69,7 @@ _ROWS = [
     _Row("burst.max_ms", "burst: latency max, ms"),
     _Row("burst.lost", "burst: lost deliveries", _COUNT, compare=False),
     _Row("burst.lost_worst", "burst: lost, worst run", _COUNT, compare=False),
+    _Row("burst.duplicates_worst", "burst: duplicates, worst run", _COUNT, False),
     _Row("burst.closed", "burst: connections closed by server", _COUNT, False),
     _Row("burst.server_rss_mb", "burst: RSS after, MB"),
 ]
@@ -71,8 +82,8 @@ _IDLE_KB_LIMIT = 20.0
 def medians(results: Results) -> dict[str, dict[str, float]]:
     """Per server, the median of every metric over its runs.
 
-    ``phase.lost_worst`` is added: the largest loss of any run, since a
-    median can hide one run that lost events.
+    ``phase.lost_worst`` and ``phase.duplicates_worst`` are added: the
+    largest of any run, since a median can hide one run that went wrong.
     """
     summary: dict[str, dict[str, float]] = {}
     for kind, runs in results.items():
@@ -82,9 +93,11 @@ def medians(results: Results) -> dict[str, dict[str, float]]:
             for key in keys
         }
         for phase in ("steady", "burst"):
-            losses = [run[f"{phase}.lost"] for run in runs if f"{phase}.lost" in run]
-            if losses:
-                row[f"{phase}.lost_worst"] = max(losses)
+            for fault in ("lost", "duplicates"):
+                key = f"{phase}.{fault}"
+                counts = [run[key] for run in runs if key in run]
+                if counts:
+                    row[f"{key}_worst"] = max(counts)
         summary[kind] = row
     return summary
 
@@ -187,11 +200,40 @@ def render_report(results: Results, options: Options) -> str:
         )
     title = f"{title}, {runs}"
     lines = [title, "", *_table(summary, kinds)]
+    lines.extend(_notes(summary, options))
     checks = targets(results)
     if checks:
         lines.append("")
         lines.extend(f"{'PASS' if ok else 'FAIL'}  {text}" for text, ok in checks)
     return "\n".join(lines)
+
+
+def _notes(summary: dict[str, dict[str, float]], options: Options) -> list[str]:
+    """What the reader must know about configurations of several processes."""
+    notes = []
+    for kind, row in summary.items():
+        processes = int(row.get("idle.processes", 1))
+        if processes > 1:
+            notes.append(
+                f"{kind}: {processes} replicas sharing Redis, subscribers spread "
+                "evenly, events published to the first; CPU and RSS are sums over "
+                "the replicas, RSS per connection is the summed growth divided by "
+                "all subscribers."
+            )
+    if any(uses_redis(kind) for kind in summary):
+        notes.append(
+            f"Redis at {safe_url(options.redis_url)}, a fresh key prefix per run; "
+            "its own CPU is in 'other processes'."
+        )
+    return ["", *_wrap(notes)] if notes else []
+
+
+def _wrap(notes: list[str]) -> list[str]:
+    return [
+        line
+        for note in notes
+        for line in textwrap.wrap(note, 88, initial_indent="- ", subsequent_indent="  ")
+    ]
 
 
 def _environment() -> dict[str, Any]:
@@ -206,8 +248,10 @@ def _environment() -> dict[str, Any]:
 
 def write_json(path: Path, results: Results, options: Options) -> None:
     """Write options, environment, every run, the medians and the targets."""
+    settings = asdict(options)
+    settings["redis_url"] = safe_url(options.redis_url)
     document = {
-        "options": asdict(options),
+        "options": settings,
         "environment": _environment(),
         "runs": results,
         "medians": medians(results),

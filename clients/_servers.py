@@ -1,7 +1,18 @@
-"""The servers under test, each run as a subprocess on a free loopback port.
+"""The servers under test, each run as subprocesses on free loopback ports.
 
-The benchmark starts a fresh server for every run and measures it from outside:
-CPU time and resident memory through psutil, readiness by connecting to its port.
+A configuration (``--servers``) is one process, or several gateway replicas sharing
+a Redis: the benchmark starts it afresh for every run and measures it from outside,
+CPU time and resident memory through psutil, summed over its processes, and
+readiness by asking each process for ``/healthz``.
+
+=================== ========= =========================================
+configuration       processes state
+=================== ========= =========================================
+``gateway``         1         in memory
+``gateway-redis``   1         Redis, under a key prefix of the run's own
+``gateway-redis-2`` 2         Redis, under a key prefix of the run's own
+``baseline``        1         ``clients.baseline_server``, no state
+=================== ========= =========================================
 """
 
 from __future__ import annotations
@@ -15,54 +26,82 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from clients._redis import RedisRun
 from clients._wire import BenchError
 
 __all__ = [
     "HOST",
     "SERVER_KINDS",
+    "Deployment",
     "ServerProcess",
     "raise_open_files_limit",
-    "start_server",
+    "start_deployment",
+    "uses_redis",
 ]
 
 HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What one name in ``--servers`` starts."""
+
+    program: str
+    replicas: int
+    redis: bool
+
+
+_KINDS = {
+    "gateway": _Kind("gateway", 1, redis=False),
+    "gateway-redis": _Kind("gateway", 1, redis=True),
+    "gateway-redis-2": _Kind("gateway", 2, redis=True),
+    "baseline": _Kind("baseline", 1, redis=False),
+}
 #: Names accepted by ``--servers``.
-SERVER_KINDS = ("gateway", "baseline")
+SERVER_KINDS = tuple(_KINDS)
+#: Variables of the benchmark's own environment that would change what a gateway
+#: configuration is: each one sets them itself or leaves them unset.
+_OWN_SETTINGS = ("GATEWAY_REDIS_URL", "GATEWAY_REDIS_PREFIX", "GATEWAY_REPLICA")
 #: The project's root, so that ``-m gateway`` and ``-m clients...`` import.
 _ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class ServerProcess:
-    """One server started by the benchmark."""
+    """One process started by the benchmark: a server, or one gateway replica."""
 
-    kind: str
+    #: The configuration's name, with the replica's number if it has several.
+    name: str
     process: subprocess.Popen[bytes]
     port: int
-    api_key: str
+    #: Where the process's stdout and stderr go.
     log_path: Path
+    #: Whether SIGTERM was sent already: a second one may cut a graceful stop
+    #: short, so it is never sent.
+    _terminated: bool = field(default=False, init=False, repr=False)
 
     @property
     def pid(self) -> int:
-        """The server's process id."""
+        """The process id."""
         return self.process.pid
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """User and system CPU time the server has used so far, in seconds."""
+        """User and system CPU time the process has used so far, in seconds."""
         times = psutil.Process(self.pid).cpu_times()
         return float(times.user), float(times.system)
 
     def rss_bytes(self) -> int:
-        """The server's resident memory now."""
+        """The process's resident memory now."""
         return int(psutil.Process(self.pid).memory_info().rss)
 
     def log_tail(self, lines: int = 20) -> str:
-        """The end of what the server wrote to stdout and stderr."""
+        """The end of what the process wrote to stdout and stderr."""
         text = self.log_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
@@ -82,24 +121,91 @@ class ServerProcess:
         while loop.time() < deadline:
             if self.process.poll() is not None:
                 raise BenchError(
-                    f"{self.kind} exited with {self.process.returncode}:\n"
+                    f"{self.name} exited with {self.process.returncode}:\n"
                     f"{self.log_tail()}"
                 )
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 if await _healthy(self.port):
                     return
             await asyncio.sleep(0.05)
-        raise BenchError(f"{self.kind} was not ready within {within} s")
+        raise BenchError(f"{self.name} was not ready within {within} s")
+
+    def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM, once) without waiting for it."""
+        if self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+        self._terminated = True
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        """Stop the process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout)
+
+
+@dataclass
+class Deployment:
+    """One configuration under test: a server, or gateway replicas sharing Redis.
+
+    Subscribers are spread over ``processes`` in turn; publishers talk to the
+    first one. CPU and memory readings are sums over every process.
+    """
+
+    kind: str
+    processes: list[ServerProcess]
+    #: The bearer key of ``POST /events``, the same on every replica.
+    api_key: str
+    #: The run's key prefix in Redis, for configurations that use it.
+    redis: RedisRun | None = None
+
+    @property
+    def is_gateway(self) -> bool:
+        """Whether this runs the gateway (publish over HTTP) or the baseline."""
+        return _KINDS[self.kind].program == "gateway"
+
+    @property
+    def publish_port(self) -> int:
+        """The port events are published to: the first process's."""
+        return self.processes[0].port
+
+    @property
+    def ports(self) -> list[int]:
+        """Every process's port, in the order subscribers are spread over them."""
+        return [process.port for process in self.processes]
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User and system CPU seconds used so far, summed over the processes."""
+        times = [process.cpu_seconds() for process in self.processes]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def rss_bytes(self) -> int:
+        """Resident memory now, summed over the processes."""
+        return sum(process.rss_bytes() for process in self.processes)
+
+    async def wait_ready(self, within: float) -> None:
+        """Wait until every process answers ``/healthz``; see ``ServerProcess``."""
+        await asyncio.gather(*(p.wait_ready(within) for p in self.processes))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every process, then delete the run's keys in Redis.
+
+        The processes are asked to stop together, so that their graceful
+        shutdowns overlap; the keys go last, once no replica can write any.
+
+        Raises:
+            BenchError: the keys could not be deleted.
+        """
+        try:
+            for process in self.processes:
+                process.terminate()
+            for process in self.processes:
+                process.stop(timeout)
+        finally:
+            if self.redis is not None:
+                self.redis.delete_keys()
 
 
 async def _healthy(port: int) -> bool:
@@ -132,6 +238,11 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def uses_redis(kind: str) -> bool:
+    """Whether the configuration named ``kind`` keeps its state in Redis."""
+    return _KINDS[kind].redis
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -139,55 +250,91 @@ def _free_port() -> int:
         return port
 
 
-def _command(kind: str, port: int) -> list[str]:
-    if kind == "gateway":
+def _command(program: str, port: int) -> list[str]:
+    if program == "gateway":
         return [sys.executable, "-m", "gateway", "serve"]
-    if kind == "baseline":
-        return [
-            sys.executable,
-            "-m",
-            "clients.baseline_server",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-    raise ValueError(f"unknown server {kind!r}; choose from {SERVER_KINDS}")
+    return [
+        sys.executable,
+        "-m",
+        "clients.baseline_server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
 
 
-def start_server(kind: str, log_dir: Path, *, max_buffer_bytes: int) -> ServerProcess:
-    """Start one server on a free loopback port; it is not ready yet.
-
-    Args:
-        kind: ``gateway`` or ``baseline``.
-        log_dir: where the server's output goes, appended to one file per kind.
-        max_buffer_bytes: the gateway's outbound buffer cap per client, set
-            high so that the benchmark measures speed, not the slow-client
-            policy.
-    """
+def _spawn(
+    program: str, name: str, log_dir: Path, settings: dict[str, str]
+) -> ServerProcess:
+    """Start one process on a free port with ``settings`` added to its environment."""
     port = _free_port()
-    api_key = secrets.token_urlsafe(16)
-    env = dict(os.environ)
-    env.update(
-        {
-            "GATEWAY_HOST": HOST,
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_API_KEY": api_key,
-            "GATEWAY_MAX_BUFFER_BYTES": str(max_buffer_bytes),
-            "GATEWAY_LOG_LEVEL": "warning",
-        }
-    )
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{kind}.log"
+    env = {k: v for k, v in os.environ.items() if k not in _OWN_SETTINGS}
+    env.update(settings)
+    env.update({"GATEWAY_HOST": HOST, "GATEWAY_PORT": str(port)})
+    log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
+        # Runs append to the same file: a header tells whose lines follow.
+        prefix = settings.get("GATEWAY_REDIS_PREFIX")
+        header = f"--- fanout-bench {time.strftime('%Y-%m-%dT%H:%M:%S')} {name}"
+        header += f" port {port}" + (f" redis prefix {prefix}" if prefix else "")
+        log.write(f"{header} ---\n".encode())
+        log.flush()
         process = subprocess.Popen(
-            _command(kind, port),
+            _command(program, port),
             cwd=_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return ServerProcess(kind, process, port, api_key, log_path)
+    return ServerProcess(name, process, port, log_path)
+
+
+def start_deployment(
+    kind: str, log_dir: Path, *, max_buffer_bytes: int, redis_url: str
+) -> Deployment:
+    """Start one configuration's processes on free loopback ports; none is ready yet.
+
+    Args:
+        kind: one of ``SERVER_KINDS``.
+        log_dir: where the output goes, appended to one file per process:
+            ``<kind>.log``, or ``<kind>.<n>.log`` for the n-th of several
+            replicas.
+        max_buffer_bytes: the gateway's outbound buffer cap per client, set
+            high so that the benchmark measures speed, not the slow-client
+            policy.
+        redis_url: the Redis of the configurations that use one; each start
+            takes a fresh key prefix in it.
+
+    Raises:
+        ValueError: ``kind`` is not one of ``SERVER_KINDS``.
+    """
+    spec = _KINDS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown server {kind!r}; choose from {SERVER_KINDS}")
+    api_key = secrets.token_urlsafe(16)
+    settings = {
+        "GATEWAY_API_KEY": api_key,
+        "GATEWAY_MAX_BUFFER_BYTES": str(max_buffer_bytes),
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
+    run = RedisRun(redis_url) if spec.redis else None
+    if run is not None:
+        settings["GATEWAY_REDIS_URL"] = run.url
+        settings["GATEWAY_REDIS_PREFIX"] = run.prefix
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deployment = Deployment(kind, [], api_key, run)
+    for index in range(1, spec.replicas + 1):
+        name = kind if spec.replicas == 1 else f"{kind}.{index}"
+        replica = {"GATEWAY_REPLICA": f"bench-{name}"} if spec.redis else {}
+        try:
+            process = _spawn(spec.program, name, log_dir, settings | replica)
+        except BaseException:
+            # Whatever started already must not outlive the benchmark.
+            deployment.stop()
+            raise
+        deployment.processes.append(process)
+    return deployment

@@ -35,6 +35,9 @@ EVENT_PREFIX = b'{"type":"event"'
 #: The key of the publisher's timestamp inside ``eventDetails``; the publisher
 #: puts another key after it, so a comma always ends the number.
 SENT_AT_KEY = b'"sentAt":'
+#: The key of the event's number in its phase, right after the timestamp and
+#: followed by one more key.
+SEQ_KEY = b'"seq":'
 _MAX_RESPONSE_HEAD = 16 * 1024
 
 _OP_CONT = 0x0
@@ -55,30 +58,56 @@ class Tally:
     """Event messages received by every subscriber during one phase.
 
     Latencies are in seconds from the publisher's ``sentAt`` (a ``perf_counter``
-    reading of this same process) to the moment the frame was read.
+    reading of this same process) to the moment the frame was read. A subscriber
+    that reads the same ``seq`` twice in one phase counts a duplicate.
     """
 
     def __init__(self) -> None:
+        # Bumped by every reset, so that each subscriber knows when to forget
+        # the sequence numbers it saw in the previous phase.
+        self.phase = 0
         self.reset()
 
     def reset(self) -> None:
         """Forget everything counted so far (at the start of a phase)."""
+        self.phase += 1
         self.received = 0
+        self.duplicates = 0
         self.last_at = 0.0
         self.latencies = array("d")
         # Close codes of connections the server ended, 1006 for a lost socket.
         self.closes: Counter[int] = Counter()
 
-    def record(self, payload: bytes, now: float) -> None:
-        """Count one event message read at ``now`` and keep its latency."""
+    @property
+    def unique(self) -> int:
+        """Deliveries counted once per subscriber and event."""
+        return self.received - self.duplicates
+
+    def record(self, payload: bytes, now: float, seen: set[int]) -> None:
+        """Count one event message read at ``now`` and keep its latency.
+
+        Args:
+            payload: the message.
+            now: when it was read, from ``time.perf_counter``.
+            seen: the sequence numbers the receiving subscriber has read in
+                this phase; the message's own is added.
+        """
         self.received += 1
         self.last_at = now
         at = payload.find(SENT_AT_KEY)
-        if at >= 0:
-            start = at + len(SENT_AT_KEY)
-            self.latencies.append(
-                now - float(payload[start : payload.find(b",", start)])
-            )
+        if at < 0:
+            return
+        start = at + len(SENT_AT_KEY)
+        end = payload.find(b",", start)
+        self.latencies.append(now - float(payload[start:end]))
+        # The publisher puts the sequence number right after the timestamp.
+        if payload.startswith(SEQ_KEY, end + 1):
+            start = end + 1 + len(SEQ_KEY)
+            seq = int(payload[start : payload.find(b",", start)])
+            if seq in seen:
+                self.duplicates += 1
+            else:
+                seen.add(seq)
 
 
 def accept_key(key: str) -> str:
@@ -137,6 +166,9 @@ class WebSocketClient(asyncio.Protocol):
         # the server's doing.
         self._leaving = False
         self._close_code = CLOSE_ABNORMAL
+        # Sequence numbers of the events read in the tally's current phase.
+        self._seen: set[int] = set()
+        self._seen_phase = tally.phase
 
     # asyncio callbacks
 
@@ -273,7 +305,11 @@ class WebSocketClient(asyncio.Protocol):
 
     def _on_text(self, payload: bytes, now: float) -> None:
         if payload.startswith(EVENT_PREFIX):
-            self.tally.record(payload, now)
+            tally = self.tally
+            if self._seen_phase != tally.phase:
+                self._seen = set()
+                self._seen_phase = tally.phase
+            tally.record(payload, now, self._seen)
         else:
             self.messages.put_nowait(orjson.loads(payload))
 

@@ -1,22 +1,27 @@
 """``gateway fanout-bench``: fan-out to many subscribers, the gateway vs a baseline.
 
-For every run and every server (the gateway, and the raw ``websockets.broadcast``
-server of ``clients.baseline_server``), the benchmark starts the server as a fresh
-subprocess on a free loopback port and, with the same load generator:
+For every run and every server configuration (the gateway in memory, on Redis with
+one or two replicas, and the raw ``websockets.broadcast`` server of
+``clients.baseline_server``; see ``clients._servers``), the benchmark starts the
+configuration as fresh subprocesses on free loopback ports and, with the same load
+generator:
 
 1. measures its resident memory, connects N subscribers to one topic in batches,
-   waits a moment and measures it again (the idle phase: memory per connection);
+   spread evenly over its replicas, waits a moment and measures it again (the idle
+   phase: memory per connection);
 2. publishes M events at a steady rate on a fixed clock, whether or not the
    previous ones were answered yet (the steady phase);
 3. publishes M events as fast as the server takes them, from a few publishing
    connections with one event in flight each (the burst phase);
 
-then stops the server. Each event carries the publisher's clock reading in
+then stops it and deletes the run's keys from Redis. Events are published to the
+first replica. Each event carries the publisher's clock reading in
 ``eventDetails.sentAt``, so latency is measured from the moment it was sent to the
-moment a subscriber read it, identically for both servers. Server CPU (user plus
-system) and memory come from psutil on the server's process. The runs of the two
-servers are interleaved, so that a noisy neighbour hurts both alike, and the report
-shows the median of the runs.
+moment a subscriber read it, identically for every server; and its number in
+``eventDetails.seq``, so a subscriber that reads one twice counts a duplicate.
+Server CPU (user plus system) and memory come from psutil, summed over the
+configuration's processes. The runs of the configurations are interleaved, so that
+a noisy neighbour hurts all alike, and the report shows the median of the runs.
 
 The load generator is one process on uvloop; every subscriber is a hand-written
 protocol (``clients._wire``) that costs the same whichever server it talks to.
@@ -30,25 +35,25 @@ import argparse
 import asyncio
 import dataclasses
 import gc
-import math
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
-import psutil
 import uvloop
 
+from clients._metrics import Readings, phase_metrics
 from clients._publish import HttpPublisher, Publisher, WebSocketPublisher
+from clients._redis import DEFAULT_REDIS_URL, check_redis
 from clients._report import Results, render_report, write_json
 from clients._servers import (
     HOST,
     SERVER_KINDS,
-    ServerProcess,
+    Deployment,
     raise_open_files_limit,
-    start_server,
+    start_deployment,
+    uses_redis,
 )
 from clients._wire import BenchError, Tally, WebSocketClient, open_client
 
@@ -86,6 +91,7 @@ class Options:
     drain_timeout: float
     timeout: float
     log_dir: Path
+    redis_url: str
 
 
 def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
@@ -104,8 +110,9 @@ def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway fanout-bench",
-        description="Fan-out benchmark: the gateway against a raw websockets "
-        "broadcast() server, both started here on loopback.",
+        description="Fan-out benchmark: the gateway (in memory, or on Redis with "
+        "one or two replicas) against a raw websockets broadcast() server, all "
+        "started here on loopback.",
     )
     add = parser.add_argument
     add("--subscribers", "-n", type=int, default=5000, help="subscribers (N)")
@@ -118,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         help="idle, steady, burst, a comma list or all; idle is always "
         "measured, as the subscribers connect in it",
     )
-    add("--servers", default="gateway,baseline", help="comma list of servers")
+    add(
+        "--servers",
+        default="gateway,baseline",
+        help=f"comma list of {', '.join(SERVER_KINDS)}, or all",
+    )
     add("--json", type=Path, default=None, help="also write results here")
     add("--topic", default="stocks/AAPL", help="the topic every subscriber holds")
     add("--publishers", type=int, default=4, help="publishing connections")
@@ -142,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("bench-results/logs"),
         help="where the servers' output goes",
+    )
+    add(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="the Redis of the gateway-redis configurations; each run uses a "
+        "fresh key prefix and deletes its keys afterwards",
     )
     return parser
 
@@ -176,6 +193,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         drain_timeout=args.drain_timeout,
         timeout=args.timeout or 0.0,
         log_dir=args.log_dir,
+        redis_url=args.redis_url,
     )
     if not args.timeout:
         options = _with_estimated_timeout(options)
@@ -212,7 +230,7 @@ async def wait_for_deliveries(tally: Tally, expected: int, idle_timeout: float) 
     """Wait until ``expected`` events arrived or none did for ``idle_timeout`` s."""
     seen = -1
     changed = time.perf_counter()
-    while tally.received < expected:
+    while tally.unique < expected:
         await asyncio.sleep(0.02)
         now = time.perf_counter()
         if tally.received != seen:
@@ -225,14 +243,15 @@ async def wait_for_deliveries(tally: Tally, expected: int, idle_timeout: float) 
 # Connections
 
 
-async def open_publisher(server: ServerProcess) -> Publisher:
-    """A publishing connection of the kind ``server`` takes."""
-    if server.kind == "gateway":
+async def open_publisher(server: Deployment) -> Publisher:
+    """A publishing connection of the kind ``server`` takes, to its first process."""
+    port = server.publish_port
+    if server.is_gateway:
         return await HttpPublisher.open(
-            HOST, server.port, server.api_key, request_timeout=_PUBLISH_TIMEOUT
+            HOST, port, server.api_key, request_timeout=_PUBLISH_TIMEOUT
         )
     return await WebSocketPublisher.open(
-        HOST, server.port, "/publish", request_timeout=_PUBLISH_TIMEOUT
+        HOST, port, "/publish", request_timeout=_PUBLISH_TIMEOUT
     )
 
 
@@ -258,26 +277,32 @@ def _expect(message: object, kind: str) -> None:
 
 
 async def connect_subscribers(
-    server: ServerProcess,
+    server: Deployment,
     tally: Tally,
     options: Options,
     clients: list[WebSocketClient],
 ) -> int:
     """Connect ``options.subscribers`` clients, a batch of handshakes at a time.
 
-    Batches keep the number of connections waiting in the server's listen
-    backlog bounded, so that no server is judged by its backlog size. Each
-    subscribed client is appended to ``clients`` at once, so that the caller
-    can close them all even if this fails half way.
+    The clients take the server's processes in turn, so that each replica of
+    a configuration holds the same share, give or take one. Batches keep the
+    number of connections waiting in the server's listen backlog bounded, so
+    that no server is judged by its backlog size. Each subscribed client is
+    appended to ``clients`` at once, so that the caller can close them all
+    even if this fails half way.
 
     Returns:
         How many clients failed to connect or subscribe.
     """
+    ports = server.ports
     failures = 0
     for first in range(0, options.subscribers, options.connect_batch):
-        size = min(options.connect_batch, options.subscribers - first)
+        batch = range(first, min(first + options.connect_batch, options.subscribers))
         results = await asyncio.gather(
-            *(subscribe_one(server.port, options.topic, tally) for _ in range(size)),
+            *(
+                subscribe_one(ports[index % len(ports)], options.topic, tally)
+                for index in batch
+            ),
             return_exceptions=True,
         )
         for result in results:
@@ -290,114 +315,50 @@ async def connect_subscribers(
     return failures
 
 
-async def warm_up(server: ServerProcess, publisher: Publisher, pad: str) -> None:
-    """Deliver one event to one subscriber, so lazy set-up is not measured."""
+async def warm_up(server: Deployment, publisher: Publisher, pad: str) -> None:
+    """Deliver one event to one subscriber per process, so lazy set-up is not measured.
+
+    With several replicas this also proves, before measuring, that an event
+    published to the first one reaches subscribers of every other.
+    """
     tally = Tally()
-    client = await subscribe_one(server.port, "bench/warmup", tally)
+    clients: list[WebSocketClient] = []
     try:
+        for port in server.ports:
+            clients.append(await subscribe_one(port, "bench/warmup", tally))
         await publisher.publish(event_body("bench/warmup", 0, pad))
-        await wait_for_deliveries(tally, 1, _HANDSHAKE_TIMEOUT)
+        await wait_for_deliveries(tally, len(clients), _HANDSHAKE_TIMEOUT)
     finally:
-        client.abort()
-    if tally.received != 1:
-        raise BenchError(f"{server.kind}: the warm-up event never arrived")
+        for client in clients:
+            client.abort()
+    if tally.received != len(clients):
+        raise BenchError(
+            f"{server.kind}: {tally.received} of {len(clients)} subscribers got "
+            "the warm-up event"
+        )
 
 
 # Phases
 
 
-@dataclasses.dataclass
-class _Readings:
-    """Clock and CPU readings taken at the start or end of a phase.
-
-    CPU times are seconds as (user, system); ``machine`` is the CPU time the
-    whole machine was busy: every process, interrupts, and time stolen by the
-    hypervisor.
-    """
-
-    at: float
-    server: tuple[float, float]
-    client: tuple[float, float]
-    machine: float
-
-    @classmethod
-    def take(cls, server: ServerProcess) -> _Readings:
-        """Read the clocks now."""
-        own = os.times()
-        machine = psutil.cpu_times()
-        idle = machine.idle + getattr(machine, "iowait", 0.0)
-        # Guest time is already counted in user time on Linux.
-        guest = getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
-        busy = sum(machine) - idle - guest
-        return cls(
-            time.perf_counter(), server.cpu_seconds(), (own.user, own.system), busy
-        )
-
-
-def _cpu_metrics(
-    prefix: str, before: tuple[float, float], after: tuple[float, float], count: int
-) -> dict[str, float]:
-    user = after[0] - before[0]
-    system = after[1] - before[1]
-    total = user + system
-    return {
-        f"{prefix}_cpu_us_per_delivery": total * 1e6 / count if count else math.nan,
-        f"{prefix}_sys_share": system / total if total else math.nan,
-    }
-
-
-def _other_cores(start: _Readings, end: _Readings) -> float:
-    # What the rest of the machine used while the phase ran, in cores. It
-    # includes interrupt work not charged to either process, some of which is
-    # this benchmark's own loopback traffic.
-    ours = sum(end.server) - sum(start.server) + sum(end.client) - sum(start.client)
-    return (end.machine - start.machine - ours) / max(end.at - start.at, 1e-9)
-
-
-def phase_metrics(
-    server: ServerProcess, tally: Tally, start: _Readings, expected: int
-) -> dict[str, float]:
-    """Sum up one phase: rate, CPU per delivery, latency, losses, memory."""
-    end = _Readings.take(server)
-    received = tally.received
-    seconds = max(tally.last_at - start.at, 1e-9)
-    latencies = sorted(tally.latencies)
-    return {
-        **_cpu_metrics("server", start.server, end.server, received),
-        **_cpu_metrics("client", start.client, end.client, received),
-        "other_cores": _other_cores(start, end),
-        "expected": expected,
-        "received": received,
-        "lost": expected - received,
-        "closed": sum(tally.closes.values()),
-        "seconds": seconds,
-        "deliveries_per_s": received / seconds,
-        "p50_ms": _quantile(latencies, 0.50) * 1e3,
-        "p99_ms": _quantile(latencies, 0.99) * 1e3,
-        "max_ms": _quantile(latencies, 1.0) * 1e3,
-        "server_rss_mb": server.rss_bytes() / 2**20,
-    }
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def idle_phase(
-    server: ServerProcess,
+    server: Deployment,
     tally: Tally,
     options: Options,
     clients: list[WebSocketClient],
 ) -> dict[str, float]:
-    """Connect the subscribers and measure the memory each one costs the server."""
+    """Connect the subscribers and measure the memory each one costs the server.
+
+    With several processes, their memory is summed and its growth divided by
+    every subscriber, wherever it is connected.
+    """
     before = server.rss_bytes()
     failures = await connect_subscribers(server, tally, options, clients)
     await asyncio.sleep(_SETTLE)
     after = server.rss_bytes()
     count = max(len(clients), 1)
     return {
+        "processes": len(server.processes),
         "subscribers": len(clients),
         "connect_failures": failures,
         "rss_before_mb": before / 2**20,
@@ -407,7 +368,7 @@ async def idle_phase(
 
 
 async def steady_phase(
-    server: ServerProcess,
+    server: Deployment,
     publishers: Sequence[Publisher],
     tally: Tally,
     subscribers: int,
@@ -434,7 +395,7 @@ async def steady_phase(
 
     sends = []
     behind = 0
-    start = _Readings.take(server)
+    start = Readings.take(server)
     for seq in range(options.events):
         due = start.at + seq * interval
         delay = due - time.perf_counter()
@@ -454,7 +415,7 @@ async def steady_phase(
 
 
 async def burst_phase(
-    server: ServerProcess,
+    server: Deployment,
     publishers: Sequence[Publisher],
     tally: Tally,
     subscribers: int,
@@ -474,7 +435,7 @@ async def burst_phase(
         for seq in sequence:
             await publisher.publish(event_body(options.topic, seq, pad))
 
-    start = _Readings.take(server)
+    start = Readings.take(server)
     await asyncio.gather(*(pump(publisher) for publisher in publishers))
     expected = subscribers * options.events
     await wait_for_deliveries(tally, expected, options.drain_timeout)
@@ -485,7 +446,7 @@ async def burst_phase(
 
 
 async def _phases(
-    server: ServerProcess, options: Options, clients: list[WebSocketClient]
+    server: Deployment, options: Options, clients: list[WebSocketClient]
 ) -> dict[str, float]:
     publishers = [await open_publisher(server) for _ in range(options.publishers)]
     try:
@@ -513,9 +474,12 @@ async def _phases(
 
 
 async def measure(kind: str, options: Options) -> dict[str, float]:
-    """One run against one server, started and stopped here."""
-    server = start_server(
-        kind, options.log_dir, max_buffer_bytes=options.max_buffer_bytes
+    """One run against one configuration, started and stopped here."""
+    server = start_deployment(
+        kind,
+        options.log_dir,
+        max_buffer_bytes=options.max_buffer_bytes,
+        redis_url=options.redis_url,
     )
     clients: list[WebSocketClient] = []
     try:
@@ -534,10 +498,12 @@ async def measure(kind: str, options: Options) -> dict[str, float]:
 async def run_all(options: Options) -> Results:
     """Every run of every server, interleaved, within ``options.timeout``."""
     results: Results = {kind: [] for kind in options.servers}
+    if any(uses_redis(kind) for kind in options.servers):
+        check_redis(options.redis_url)
     async with asyncio.timeout(options.timeout):
         for run in range(options.runs):
-            # Alternate which server goes first, so neither always follows
-            # the other's leftovers (sockets in TIME_WAIT, a warm CPU cache).
+            # Alternate the order, so that no configuration always follows the
+            # same other's leftovers (sockets in TIME_WAIT, a warm CPU cache).
             order = options.servers if run % 2 == 0 else options.servers[::-1]
             for kind in order:
                 metrics = await measure(kind, options)
@@ -550,16 +516,20 @@ def _progress(run: int, kind: str, metrics: dict[str, float], options: Options) 
     parts = [f"run {run + 1}/{options.runs} {kind}:"]
     parts.append(f"{metrics['idle.kb_per_connection']:.1f} KB/conn")
     if "steady.p99_ms" in metrics:
-        parts.append(
-            f"steady p99 {metrics['steady.p99_ms']:.1f} ms, "
-            f"lost {metrics['steady.lost']:.0f}"
-        )
+        steady = _faults(metrics, "steady")
+        parts.append(f"steady p99 {metrics['steady.p99_ms']:.1f} ms, {steady}")
     if "burst.deliveries_per_s" in metrics:
-        parts.append(
-            f"burst {metrics['burst.deliveries_per_s']:,.0f}/s, "
-            f"lost {metrics['burst.lost']:.0f}"
-        )
+        burst = _faults(metrics, "burst")
+        parts.append(f"burst {metrics['burst.deliveries_per_s']:,.0f}/s, {burst}")
     print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+def _faults(metrics: dict[str, float], phase: str) -> str:
+    text = f"lost {metrics[f'{phase}.lost']:.0f}"
+    # Duplicates are rare enough to be worth a word only when there are some.
+    if metrics[f"{phase}.duplicates"]:
+        text += f", {metrics[f'{phase}.duplicates']:.0f} duplicates"
+    return text
 
 
 def main(argv: list[str]) -> int:
