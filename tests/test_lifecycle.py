@@ -273,6 +273,15 @@ async def test_c10_sigterm_closes_everyone_then_exits_0(
             return all(len(seen) >= 3 for seen in offsets)
 
         await wait_until(everyone_receiving, 10, "every client receiving events")
+
+        async def bulk_queued_for_the_slow_reader() -> bool:
+            # Fan-out runs behind ingest (and, with Redis, behind pub/sub): the
+            # bulk must be in the gateway's buffers before SIGTERM for the slow
+            # reader to be stuck behind it.
+            backlog = (await read_metrics(http, gateway))["gateway_fanout_backlog"]
+            return slow.unread_bytes() > 0 and backlog == 0
+
+        await wait_until(bulk_queued_for_the_slow_reader, 10, "bulk queued")
         metrics = await read_metrics(http, gateway)
         assert metrics["gateway_connections"] == CLIENTS + 1
         assert metrics["gateway_slow_consumer_closes_total"] == 0
