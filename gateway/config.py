@@ -65,6 +65,35 @@ class Settings(BaseSettings):
         description="Seconds a connection record lives in Redis unless its replica "
         "refreshes it (every third of this).",
     )
+    mqtt_url: str | None = Field(
+        None,
+        description="MQTT broker to publish every accepted event to, such as "
+        "mqtt://user:password@127.0.0.1:1883 (mqtts:// for TLS); no MQTT when unset.",
+    )
+    mqtt_prefix: str = Field(
+        "",
+        max_length=64,
+        description="Put before every topic published to the broker, as is "
+        "(gw/ gives gw/stocks/AAPL).",
+    )
+    mqtt_buffer: int = Field(
+        10_000,
+        ge=1,
+        description="Events kept for the broker while it is away or slow; past "
+        "this the oldest is dropped and counted.",
+    )
+    mqtt_client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="MQTT client identifier, unique per replica "
+        "(default: gateway- and the replica name).",
+    )
+    mqtt_qos: str = Field(
+        "stocks/#=0r,fixtures/#=1,teams/#=1,jobs/#=1r",
+        description="QoS and retain flag per topic filter, first match wins: "
+        "filter=QOS, with r after the QoS for retained; others get QoS 0.",
+    )
     max_frame_bytes: int = Field(
         65536,
         ge=1024,
@@ -132,11 +161,13 @@ class Settings(BaseSettings):
     )
 
     def loggable(self) -> dict[str, Any]:
-        """The settings without secrets: no API key, no password in the Redis URL."""
+        """The settings without secrets: no API key, no password in a URL."""
         values = self.model_dump(exclude={"api_key"})
-        if self.redis_url:
-            scheme, _, rest = self.redis_url.partition("://")
-            values["redis_url"] = f"{scheme}://{rest.rpartition('@')[2]}"
+        for field in ("redis_url", "mqtt_url"):
+            url = values[field]
+            if url:
+                scheme, _, rest = url.partition("://")
+                values[field] = f"{scheme}://{rest.rpartition('@')[2]}"
         return values
 
     @field_validator("api_key")
@@ -151,6 +182,30 @@ class Settings(BaseSettings):
     def _redis_url_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(_REDIS_SCHEMES):
             raise ValueError(f"expected a URL starting with one of {_REDIS_SCHEMES}")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.transports.mqtt import parse_broker_url
+
+            parse_broker_url(value)
+        return value
+
+    @field_validator("mqtt_prefix")
+    @classmethod
+    def _mqtt_prefix_plain(cls, value: str) -> str:
+        if any(char in value for char in "+#\0") or value.startswith("$"):
+            raise ValueError("a prefix may not hold +, # or NUL, nor start with $")
+        return value
+
+    @field_validator("mqtt_qos")
+    @classmethod
+    def _mqtt_qos_rules(cls, value: str) -> str:
+        from gateway.transports.mqtt import parse_qos_rules
+
+        parse_qos_rules(value)
         return value
 
 

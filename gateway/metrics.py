@@ -58,6 +58,38 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.mqtt_published = Counter(
+            "gateway_mqtt_published",
+            "Events this replica published to the MQTT broker (acknowledged for "
+            "QoS 1 and 2).",
+            registry=registry,
+        )
+        self.mqtt_failures = Counter(
+            "gateway_mqtt_failures",
+            "MQTT publish attempts that failed; QoS 1 and 2 events are retried.",
+            registry=registry,
+        )
+        self.mqtt_dropped = Counter(
+            "gateway_mqtt_dropped",
+            "Accepted events never published to the broker: QoS 0 while it was "
+            "away, the oldest when the buffer was full, the rest at shutdown.",
+            registry=registry,
+        )
+        self.mqtt_buffered = Gauge(
+            "gateway_mqtt_buffered",
+            "Accepted events waiting to be published to the MQTT broker.",
+            registry=registry,
+        )
+        self.mqtt_connected = Gauge(
+            "gateway_mqtt_connected",
+            "1 while the MQTT bridge is connected to the broker, else 0.",
+            registry=registry,
+        )
+        self.mqtt_reconnects = Counter(
+            "gateway_mqtt_reconnects",
+            "Connections to the MQTT broker made again after one was lost.",
+            registry=registry,
+        )
         self.delivery_latency = Histogram(
             "gateway_delivery_latency_seconds",
             "From an event's publish time until its frame was handed to the last "

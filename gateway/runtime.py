@@ -15,6 +15,7 @@ from gateway.events.envelope import Draft, Event
 from gateway.fanout.router import Router
 from gateway.metrics import Metrics
 from gateway.state.base import StateBackend
+from gateway.transports.mqtt import MqttBridge, parse_qos_rules
 
 __all__ = ["Runtime"]
 
@@ -48,17 +49,26 @@ class Runtime:
         self._fanout_task: asyncio.Task[None] | None = None
         self.metrics.backlog.set_function(lambda: len(self._backlog))
         backend.set_listener(self.on_event)
+        # Publishes the events this replica accepts to the broker; None when no
+        # broker URL is set.
+        self.mqtt = _make_bridge(settings, self.metrics)
 
     async def start(self) -> None:
         """Connect the backend and start the fan-out task."""
         await self.backend.start()
         self._fanout_task = asyncio.get_running_loop().create_task(self._fan_out())
         logger.info("state backend %s ready", self.backend.name)
+        if self.mqtt is not None:
+            # Connecting runs in the background: the gateway serves WebSocket
+            # clients whether or not the broker is there.
+            self.mqtt.start()
 
     async def close(self) -> None:
         """Finish background work and release the backend."""
         if self._fanout_task is not None:
             self._fanout_task.cancel()
+        if self.mqtt is not None:
+            await self.mqtt.close(flush_within=self.settings.close_timeout)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.close_timeout)
         for task in self._tasks:
@@ -92,6 +102,10 @@ class Runtime:
             drafts, max_bytes=self.settings.max_event_bytes
         )
         self.metrics.events_in.inc(len(events))
+        # Only the replica that accepted an event publishes it to the broker,
+        # so MQTT subscribers get it once however many replicas run.
+        if self.mqtt is not None:
+            self.mqtt.submit(events)
         return events
 
     def on_event(self, event: Event) -> None:
@@ -120,3 +134,16 @@ class Runtime:
         if delivered:
             self.metrics.deliveries.inc(delivered)
             self.metrics.delivery_latency.observe(time.time() - event.published_at)
+
+
+def _make_bridge(settings: Settings, metrics: Metrics) -> MqttBridge | None:
+    if settings.mqtt_url is None:
+        return None
+    return MqttBridge(
+        settings.mqtt_url,
+        metrics=metrics,
+        client_id=settings.mqtt_client_id or f"gateway-{settings.replica}",
+        prefix=settings.mqtt_prefix,
+        buffer=settings.mqtt_buffer,
+        qos_rules=parse_qos_rules(settings.mqtt_qos),
+    )

@@ -109,3 +109,123 @@ class SilentProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+#: The broker configuration shipped in ``deploy/mosquitto/``.
+MOSQUITTO_DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+class MosquittoServer:
+    """A Mosquitto of the test's own on free loopback ports.
+
+    Without ``users`` it lets anyone in. With ``users`` (name to password) it runs
+    the configuration and ACL of ``deploy/mosquitto/`` with a password file made by
+    ``mosquitto_passwd``, and a WebSocket listener on ``ws_port``. Persistence is
+    on, in the test's directory, so that sessions and retained messages survive
+    ``stop`` and ``start``. The machine's own broker on 1883 is never touched.
+    """
+
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.ws_port = free_port()
+        self.workdir = workdir / f"mosquitto-{self.port}"
+        self.workdir.mkdir(parents=True)
+        self.users = users
+        self.config = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._write_config()
+
+    def url(self, user: str | None = None) -> str:
+        """The broker's URL, with the user's password when given."""
+        if user is None:
+            return f"mqtt://127.0.0.1:{self.port}"
+        assert self.users is not None
+        return f"mqtt://{user}:{self.users[user]}@127.0.0.1:{self.port}"
+
+    def _write_config(self) -> None:
+        import getpass
+
+        data = self.workdir / "data"
+        data.mkdir()
+        if self.users is None:
+            lines = [
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                "persistence true",
+                f"persistence_location {data}/",
+            ]
+        else:
+            lines = self._deploy_config(data)
+        # Run as root, Mosquitto would switch to the user "mosquitto", who cannot
+        # read the test's files; as anyone else it ignores this line.
+        lines += [
+            f"user {getpass.getuser()}",
+            f"log_dest file {self.log_path}",
+            "log_type all",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def _deploy_config(self, data: Path) -> list[str]:
+        """The shipped configuration, its ports and paths moved into the test's."""
+        passwd = self.workdir / "passwd"
+        assert self.users is not None
+        for number, (user, password) in enumerate(self.users.items()):
+            create = ["-c"] if number == 0 else []
+            subprocess.run(
+                ["mosquitto_passwd", *create, "-b", str(passwd), user, password],
+                check=True,
+            )
+        passwd.chmod(0o600)
+        replacements = {
+            "listener 1883": f"listener {self.port} 127.0.0.1",
+            "listener 9001": f"listener {self.ws_port} 127.0.0.1",
+            "password_file /mosquitto/config/passwd": f"password_file {passwd}",
+            "acl_file /mosquitto/config/acl": f"acl_file {MOSQUITTO_DEPLOY / 'acl'}",
+            "persistence_location /mosquitto/data/": f"persistence_location {data}/",
+        }
+        lines = []
+        for line in (MOSQUITTO_DEPLOY / "mosquitto.conf").read_text().splitlines():
+            if line.startswith(("log_dest", "log_type")):
+                continue
+            lines.append(replacements.get(line, line))
+        missing = set(replacements.values()) - set(lines)
+        assert not missing, f"deploy/mosquitto/mosquitto.conf changed: {missing}"
+        return lines
+
+    def start(self) -> None:
+        """Start the broker and wait until it accepts TCP connections."""
+        import socket
+
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout(10)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited early:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"mosquitto on {self.port} did not start:\n{self.log()}")
+
+    def stop(self) -> None:
+        """Stop the broker with SIGTERM; it saves its sessions on the way out."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout(10))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        """What the broker has logged so far."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")

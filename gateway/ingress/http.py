@@ -124,10 +124,18 @@ async def readyz(request: Request) -> Response:
     runtime = _runtime(request)
     backend_ready = runtime.backend.is_ready()
     ready = backend_ready and not runtime.draining
+    mqtt = runtime.mqtt
     body = {
         "status": "ready" if ready else "unavailable",
         "draining": runtime.draining,
         "backend": {"name": runtime.backend.name, "ready": backend_ready},
+        # The broker's state is reported but does not make the replica unready:
+        # WebSocket push works without it and MQTT events wait in a buffer.
+        "mqtt": {
+            "enabled": mqtt is not None,
+            "connected": mqtt is not None and mqtt.connected,
+            "buffered": 0 if mqtt is None else mqtt.buffered(),
+        },
         "replica": runtime.settings.replica,
     }
     return JSONResponse(body, 200 if ready else 503)

@@ -1,1 +1,1 @@
-"""Transports: how events leave the gateway (WebSocket push; polling and MQTT later)."""
+"""Transports: how events leave the gateway: WebSocket push, the MQTT bridge."""

@@ -1,0 +1,513 @@
+"""The MQTT bridge against a real Mosquitto that each test starts on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+import orjson
+import pytest
+from services import MosquittoServer
+from support import (
+    FlowProbe,
+    Gateway,
+    assert_no_error_logged,
+    event,
+    publish,
+    read_metrics,
+    running_gateway,
+    timeout,
+    wait_until,
+    ws_client,
+)
+
+from gateway.config import Settings
+from gateway.transports.mqtt import (
+    DEFAULT_QOS_RULES,
+    parse_broker_url,
+    parse_qos_rules,
+    qos_for,
+)
+
+# Pure logic.
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("stocks/AAPL", (0, True)),
+        ("fixtures/2022-12-18/ARG-FRA", (1, False)),
+        ("teams/ARG", (1, False)),
+        ("jobs/0f3a", (1, True)),
+        ("tests/x", (0, False)),
+        ("stocksy/AAPL", (0, False)),
+    ],
+)
+def test_default_qos_rules(topic: str, expected: tuple[int, bool]) -> None:
+    """Each topic tree gets the QoS and retain flag documented in the README."""
+    assert qos_for(topic, parse_qos_rules(DEFAULT_QOS_RULES)) == expected
+
+
+def test_qos_rules_first_match_wins_and_bad_rules_are_refused() -> None:
+    """The first matching rule decides; a malformed rule names itself."""
+    rules = parse_qos_rules("stocks/AAPL=1, stocks/#=0r")
+    assert qos_for("stocks/AAPL", rules) == (1, False)
+    assert qos_for("stocks/MSFT", rules) == (0, True)
+    assert parse_qos_rules("") == ()
+    for bad in ("stocks/#", "stocks/#=3", "a/#/b=1", "x=1q"):
+        with pytest.raises(ValueError, match="bad rule"):
+            parse_qos_rules(bad)
+
+
+def test_broker_url_parsing_and_secret_free_logging() -> None:
+    """The URL gives host, port and login; logged settings hide the password."""
+    address = parse_broker_url("mqtt://gw:p%40ss@broker.local:1999")
+    assert (address.host, address.port, address.username, address.password) == (
+        "broker.local",
+        1999,
+        "gw",
+        "p@ss",
+    )
+    assert parse_broker_url("mqtts://h").port == 8883
+    with pytest.raises(ValueError, match="mqtt://"):
+        parse_broker_url("http://h")
+    settings = Settings(mqtt_url="mqtt://gw:secret@h:1883")
+    assert settings.loggable()["mqtt_url"] == "mqtt://h:1883"
+    with pytest.raises(ValueError, match="mqtt_qos"):
+        Settings(mqtt_qos="stocks/#=9")
+    with pytest.raises(ValueError, match="mqtt_prefix"):
+        Settings(mqtt_prefix="gw/#")
+
+
+# Helpers.
+
+
+class Listener:
+    """An MQTT subscriber that keeps every message and reconnects when told to.
+
+    With ``persistent`` it uses a fixed client id and no clean session, so that a
+    broker with persistence queues its QoS 1 messages while it is away.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        *filters: str,
+        name: str = "listener",
+        persistent: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.port = port
+        self.filters = filters
+        self.name = name
+        self.persistent = persistent
+        self.username = username
+        self.password = password
+        self.messages: list[aiomqtt.Message] = []
+        self.connections = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.port,
+            identifier=self.name,
+            clean_session=not self.persistent,
+            username=self.username,
+            password=self.password,
+            timeout=timeout(5),
+        )
+
+    async def __aenter__(self) -> Listener:
+        client = self._client()
+        await client.__aenter__()
+        await self._subscribe(client)
+        self._task = asyncio.create_task(self._read(client))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        for topic_filter in self.filters:
+            await client.subscribe(topic_filter, qos=1)
+        self.connections += 1
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        while True:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    stack.push_async_exit(client.__aexit__)
+                    async for message in client.messages:
+                        self.messages.append(message)
+            except aiomqtt.MqttError:
+                pass
+            client = await self._reconnect()
+
+    async def _reconnect(self) -> aiomqtt.Client:
+        while True:
+            client = self._client()
+            try:
+                await client.__aenter__()
+            except aiomqtt.MqttError:
+                # Polling for the broker's return, at a test-friendly pace.
+                await asyncio.sleep(0.05)
+                continue
+            await self._subscribe(client)
+            return client
+
+    def payloads(self) -> list[dict[str, Any]]:
+        """Every message received so far, decoded."""
+        return [orjson.loads(bytes(message.payload)) for message in self.messages]  # type: ignore[arg-type]
+
+    async def wait_for(self, count: int, seconds: float = 10.0) -> None:
+        """Wait until ``count`` messages have arrived."""
+
+        async def enough() -> bool:
+            return len(self.messages) >= count
+
+        await wait_until(enough, seconds, f"{count} MQTT messages to {self.name}")
+
+
+@contextlib.contextmanager
+def bridged_gateway(
+    tmp_path: Path, broker: MosquittoServer, user: str | None = None, **settings: Any
+) -> Iterator[Gateway]:
+    """A gateway publishing to ``broker``, once its bridge is connected."""
+    with running_gateway(tmp_path, mqtt_url=broker.url(user), **settings) as gateway:
+        wait_connected(gateway)
+        yield gateway
+
+
+def wait_connected(gateway: Gateway, connected: bool = True) -> None:
+    """Wait until ``/readyz`` reports the broker connected (or not)."""
+    deadline = time.monotonic() + timeout(10)
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{gateway.http_url}/readyz").json()
+        if body["mqtt"]["connected"] is connected:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"broker connected is not {connected}:\n{gateway.log()}")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoServer]:
+    """A Mosquitto open to anonymous clients, with persistence, on a free port."""
+    server = MosquittoServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def gateway_and_broker(
+    tmp_path: Path, backend: str, broker: MosquittoServer
+) -> AsyncIterator[tuple[Gateway, MosquittoServer]]:
+    """A gateway on the test's backend bridged to the test's broker."""
+    with bridged_gateway(tmp_path, broker) as gateway:
+        yield gateway, broker
+
+
+async def mqtt_metrics(http: httpx.AsyncClient, gateway: Gateway) -> dict[str, float]:
+    """The bridge's counters and the events accepted, from ``/metrics``."""
+    samples = await read_metrics(http, gateway)
+    names = ("published", "failures", "dropped", "reconnects")
+    counts = {name: samples[f"gateway_mqtt_{name}_total"] for name in names}
+    counts["buffered"] = samples["gateway_mqtt_buffered"]
+    counts["accepted"] = samples["gateway_events_in_total"]
+    return counts
+
+
+def first_arrivals(numbers: list[int]) -> list[int]:
+    """``numbers`` without the repeats of a number already seen."""
+    return list(dict.fromkeys(numbers))
+
+
+# Integration.
+
+
+async def test_event_reaches_mqtt_with_the_websocket_bytes(
+    gateway_and_broker: tuple[Gateway, MosquittoServer], http: httpx.AsyncClient
+) -> None:
+    """An event published over HTTP reaches MQTT with the WebSocket frame's bytes."""
+    gateway, broker = gateway_and_broker
+    topic = "fixtures/2022-12-18/ARG-FRA"
+    async with Listener(broker.port, topic) as listener, ws_client(gateway) as ws:
+        await ws.subscribe(topic)
+        response = await publish(http, gateway, event(topic, 1, minute=23))
+        assert response.status_code == 200, response.text
+        frame = await asyncio.wait_for(ws.connection.recv(), timeout(5))
+        await listener.wait_for(1)
+    message = listener.messages[0]
+    assert message.topic.value == topic
+    assert message.payload == (frame.encode() if isinstance(frame, str) else frame)
+    assert message.qos == 1 and not message.retain
+    assert orjson.loads(frame)["id"] == response.json()["events"][0]["id"]
+    assert_no_error_logged(gateway)
+
+
+async def test_wildcard_subscriptions(
+    gateway_and_broker: tuple[Gateway, MosquittoServer], http: httpx.AsyncClient
+) -> None:
+    """``+`` matches one level and ``#`` the rest, on the gateway's topics."""
+    gateway, broker = gateway_and_broker
+    topics = ["teams/ARG", "teams/ARG/players", "fixtures/a/b", "jobs/1", "other/x"]
+    async with (
+        Listener(broker.port, "teams/+", name="plus") as plus,
+        Listener(broker.port, "fixtures/#", name="hash") as hash_,
+    ):
+        items = [event(topic, n) for n, topic in enumerate(topics)]
+        response = await publish(http, gateway, items)
+        assert response.status_code == 200, response.text
+
+        async def all_published() -> bool:
+            counts = await mqtt_metrics(http, gateway)
+            return counts["published"] == len(topics)
+
+        await wait_until(all_published, 5, "every event published")
+        await plus.wait_for(1)
+        await hash_.wait_for(1)
+        # The broker sends in order per client: a marker published last and
+        # received proves that nothing else is on its way.
+        marker = await publish(http, gateway, [event("teams/END"), event("fixtures")])
+        assert marker.status_code == 200
+        await plus.wait_for(2)
+        await hash_.wait_for(2)
+    assert [m.topic.value for m in plus.messages] == ["teams/ARG", "teams/END"]
+    assert [m.topic.value for m in hash_.messages] == ["fixtures/a/b", "fixtures"]
+
+
+async def test_late_subscriber_sees_the_retained_stock_price(
+    gateway_and_broker: tuple[Gateway, MosquittoServer], http: httpx.AsyncClient
+) -> None:
+    """A subscriber joining after two prices gets the last one, flagged retained."""
+    gateway, broker = gateway_and_broker
+    items = [event("stocks/AAPL", n, price=189.5 + n) for n in range(2)]
+    async with Listener(broker.port, "stocks/#", name="early") as early:
+        assert (await publish(http, gateway, items)).status_code == 200
+        # Once the early subscriber has both, the broker has processed them.
+        await early.wait_for(2)
+    async with Listener(broker.port, "stocks/#", name="late") as listener:
+        await listener.wait_for(1)
+        await asyncio.sleep(0.3)
+    assert len(listener.messages) == 1
+    assert listener.messages[0].retain
+    assert listener.payloads()[0]["eventDetails"] == {"n": 1, "price": 190.5}
+
+
+async def test_prefix_is_put_before_the_topic(
+    tmp_path: Path, broker: MosquittoServer, http: httpx.AsyncClient
+) -> None:
+    """With ``--mqtt-prefix`` the broker topic starts with it; the payload does not."""
+    with bridged_gateway(tmp_path, broker, mqtt_prefix="gw/") as gateway:
+        async with Listener(broker.port, "#") as listener:
+            response = await publish(http, gateway, event("teams/FRA"))
+            assert response.status_code == 200
+            await listener.wait_for(1)
+    assert listener.messages[0].topic.value == "gw/teams/FRA"
+    assert listener.payloads()[0]["topic"] == "teams/FRA"
+
+
+async def test_two_replicas_publish_each_event_once(
+    tmp_path: Path,
+    shared_redis: str,
+    broker: MosquittoServer,
+    http: httpx.AsyncClient,
+) -> None:
+    """With two replicas on one Redis, each event reaches MQTT exactly once."""
+    with (
+        bridged_gateway(tmp_path, broker) as first,
+        bridged_gateway(tmp_path, broker) as second,
+    ):
+        async with (
+            Listener(broker.port, "#") as listener,
+            ws_client(first) as ws_first,
+            ws_client(second) as ws_second,
+        ):
+            await ws_first.subscribe("teams/#")
+            await ws_second.subscribe("teams/#")
+            sent = []
+            for n in range(20):
+                replica = first if n % 2 else second
+                response = await publish(http, replica, event(f"teams/T{n % 3}", n))
+                assert response.status_code == 200, response.text
+                sent.append(response.json()["events"][0]["id"])
+            # Both replicas fan the events out, so both could publish them.
+            await ws_first.events(20)
+            await ws_second.events(20)
+            await listener.wait_for(20)
+            await asyncio.sleep(0.5)
+        ids = [payload["id"] for payload in listener.payloads()]
+        assert sorted(ids) == sorted(sent)
+        for replica in (first, second):
+            counts = await mqtt_metrics(http, replica)
+            assert counts["published"] == counts["accepted"] == 10
+
+
+async def test_broker_restart_loses_no_qos1_event(
+    gateway_and_broker: tuple[Gateway, MosquittoServer], http: httpx.AsyncClient
+) -> None:
+    """Events published during a 5 s broker outage all arrive after it, in order."""
+    gateway, broker = gateway_and_broker
+    topic = "fixtures/2022-12-18/ARG-FRA"
+    async with Listener(broker.port, topic, persistent=True) as listener:
+        for n in range(5):
+            assert (await publish(http, gateway, event(topic, n))).status_code == 200
+        await listener.wait_for(5)
+
+        broker.stop()
+        outage_start = time.monotonic()
+        wait_connected(gateway, False)
+        for n in range(5, 25):
+            response = await publish(http, gateway, event(topic, n))
+            assert response.status_code == 200, response.text
+        counts = await mqtt_metrics(http, gateway)
+        assert counts["buffered"] == 20
+        ready = await http.get(f"{gateway.http_url}/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["mqtt"] == {
+            "enabled": True,
+            "connected": False,
+            "buffered": 20,
+        }
+        # The outage itself lasts a set time; nothing waits on it.
+        await asyncio.sleep(max(0.0, 5 - (time.monotonic() - outage_start)))
+        broker.start()
+        await listener.wait_for(25, 15)
+
+    numbers = [payload["eventDetails"]["n"] for payload in listener.payloads()]
+    # QoS 1 is at least once: the restarted broker sends again (flagged DUP)
+    # what it had in flight to the subscriber when it stopped, and the bridge
+    # publishes again the one event whose acknowledgement the outage cut off.
+    # aiomqtt does not expose the DUP flag, so the test checks first arrivals.
+    assert first_arrivals(numbers) == list(range(25)), numbers
+    counts = await mqtt_metrics(http, gateway)
+    assert counts["published"] == 25
+    assert counts["dropped"] == 0 and counts["buffered"] == 0
+    assert counts["reconnects"] == 1
+    log = gateway.log()
+    assert log.count("unreachable") == 1, log
+    assert_no_error_logged(gateway)
+
+
+async def test_c09_broker_outage_under_load(
+    tmp_path: Path,
+    backend: str,
+    broker: MosquittoServer,
+    http: httpx.AsyncClient,
+) -> None:
+    """C09: a broker outage at 100 events/s leaves WebSocket push untouched.
+
+    The broker is stopped for 8 s rather than the case's 20 to 30: at 100
+    events/s with a buffer of 200 events the buffer fills in 2 s, so what follows
+    (dropping the oldest, counting, readiness) is the same for a longer outage and
+    the file stays quick. The subscriber listens on ``fixtures/#`` at QoS 1, since
+    ``stocks/#`` is published at QoS 0 and would not be buffered at all.
+    """
+    topic = "fixtures/c09/match"
+    with bridged_gateway(tmp_path, broker, mqtt_buffer=200) as gateway:
+        rss_before = gateway.rss_bytes()
+        async with Listener(broker.port, "fixtures/#", persistent=True) as listener:
+            async with FlowProbe(
+                gateway, http, topic, rate=100, min_events=1000
+            ) as probe:
+                await listener.wait_for(50)
+                broker.stop()
+                stopped = time.monotonic()
+                wait_connected(gateway, False)
+                await asyncio.sleep(1)
+                ready = await http.get(f"{gateway.http_url}/readyz")
+                assert ready.status_code == 200
+                assert ready.json()["mqtt"]["connected"] is False
+
+                async def capped() -> bool:
+                    counts = await mqtt_metrics(http, gateway)
+                    return counts["dropped"] > 0 and counts["buffered"] == 200
+
+                await wait_until(capped, 10, "the MQTT buffer at its cap")
+                await asyncio.sleep(max(0.0, 8 - (time.monotonic() - stopped)))
+                broker.start()
+                returned = time.monotonic()
+                # The first event published after the broker's return.
+                first_new = max(probe.sent) + 1
+
+                async def new_event_arrived() -> bool:
+                    return any(
+                        p["eventDetails"]["n"] >= first_new for p in listener.payloads()
+                    )
+
+                await wait_until(new_event_arrived, 10, "a new event over MQTT")
+                assert time.monotonic() - returned < timeout(10)
+            # The probe has stopped publishing: let the bridge finish.
+
+            async def drained() -> bool:
+                return (await mqtt_metrics(http, gateway))["buffered"] == 0
+
+            await wait_until(drained, 10, "the MQTT buffer drained")
+            counts = await mqtt_metrics(http, gateway)
+            await listener.wait_for(int(counts["published"]), 10)
+
+        probe.assert_flowing(max_delay=0.25)
+        numbers = [p["eventDetails"]["n"] for p in listener.payloads()]
+        # Repeats are the broker's redeliveries after its restart (see
+        # test_broker_restart_loses_no_qos1_event); first arrivals are in order.
+        unique = first_arrivals(numbers)
+        assert unique == sorted(unique), "MQTT events out of order"
+        assert counts["accepted"] == len(probe.sent)
+        assert counts["published"] + counts["dropped"] == counts["accepted"]
+        assert len(unique) + counts["dropped"] == len(probe.sent)
+        assert counts["dropped"] > 0
+        assert gateway.rss_bytes() - rss_before < 50 * 1024 * 1024
+        log = gateway.log()
+        assert log.count("MQTT buffer full") == 1, log
+        assert_no_error_logged(gateway)
+
+
+async def test_deploy_acl_lets_only_the_gateway_publish(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """With deploy/mosquitto, viewers read the public trees but cannot publish."""
+    users = {"gateway": "gateway-dev-pw", "viewer": "viewer-dev-pw"}
+    broker = MosquittoServer(tmp_path, users=users)
+    broker.start()
+    try:
+        with bridged_gateway(tmp_path, broker, user="gateway") as gateway:
+            login = {"username": "viewer", "password": users["viewer"]}
+            async with (
+                Listener(broker.port, "stocks/#", name="reader", **login) as reader,
+                aiomqtt.Client(
+                    "127.0.0.1", broker.port, identifier="intruder", **login
+                ) as intruder,
+            ):
+                # Mosquitto accepts the publish and silently discards it.
+                await intruder.publish("stocks/AAPL", b"fake", qos=1)
+                response = await publish(http, gateway, event("stocks/AAPL"))
+                assert response.status_code == 200
+                await reader.wait_for(1)
+                await asyncio.sleep(0.5)
+            assert len(reader.messages) == 1, reader.payloads()
+            assert reader.payloads()[0]["id"] == response.json()["events"][0]["id"]
+
+            with pytest.raises(aiomqtt.MqttError):
+                async with aiomqtt.Client("127.0.0.1", broker.port):
+                    pass
+            # Browsers reach the same broker over its WebSocket listener.
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.ws_port, transport="websockets", **login
+            ) as browser:
+                await browser.subscribe("jobs/+", qos=1)
+    finally:
+        broker.stop()
+    assert "denied" in broker.log().lower(), broker.log()
