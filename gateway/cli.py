@@ -11,7 +11,14 @@ from typing import Any
 import click
 from pydantic import SecretStr
 
-from gateway.config import ENV_PREFIX, Settings, SettingsError, flag_name, load_settings
+from gateway.config import (
+    ENV_PREFIX,
+    Settings,
+    SettingsError,
+    flag_name,
+    load_settings,
+    without_credentials,
+)
 from gateway.logs import configure_logging
 
 __all__ = ["main"]
@@ -94,12 +101,10 @@ def _run(settings: Settings, title: str) -> None:
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"port": port})
     server = build_server(settings)
-    backend = (
-        f"Redis at {settings.loggable()['redis_url']}"
-        if settings.redis_url
-        else ("in-memory state")
-    )
-    print(_banner(settings, f"{title} ({backend})"), flush=True)
+    backend = "in-memory state"
+    if settings.redis_url:
+        backend = f"Redis at {without_credentials(settings.redis_url)}"
+    click.echo(_banner(settings, f"{title} ({backend})"))
     server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)

@@ -14,7 +14,14 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "flag_name", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "flag_name",
+    "load_settings",
+    "without_credentials",
+]
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -164,10 +171,8 @@ class Settings(BaseSettings):
         """The settings without secrets: no API key, no password in a URL."""
         values = self.model_dump(exclude={"api_key"})
         for field in ("redis_url", "mqtt_url"):
-            url = values[field]
-            if url:
-                scheme, _, rest = url.partition("://")
-                values[field] = f"{scheme}://{rest.rpartition('@')[2]}"
+            if values[field]:
+                values[field] = without_credentials(values[field])
         return values
 
     @field_validator("api_key")
@@ -210,6 +215,12 @@ class Settings(BaseSettings):
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with any user name and password taken out, for logs."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 class SettingsError(ValueError):

@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.config import without_credentials
 from gateway.errors import Unavailable
 from gateway.events.envelope import Draft, Event, decode_event, encode
 from gateway.events.topics import filter_matches, is_wildcard
@@ -250,8 +251,7 @@ class RedisBackend(StateBackend):
 
     def _safe_url(self) -> str:
         # Never log a password that the URL may carry.
-        scheme, _, rest = self._url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
+        return without_credentials(self._url)
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
