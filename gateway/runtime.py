@@ -47,6 +47,8 @@ class Runtime:
         self._backlog: deque[Event] = deque()
         self._backlog_ready = asyncio.Event()
         self._fanout_task: asyncio.Task[None] | None = None
+        # Whether publishes are being refused for a full backlog (logged once).
+        self._backlog_full = False
         self.metrics.backlog.set_function(lambda: len(self._backlog))
         backend.set_listener(self.on_event)
         # Publishes the events this replica accepts to the broker; None when no
@@ -95,9 +97,16 @@ class Runtime:
                 nothing was stored.
         """
         if len(self._backlog) >= self.settings.max_backlog:
+            if not self._backlog_full:
+                self._backlog_full = True
+                logger.warning(
+                    "fan-out backlog full (%d events): refusing publishes",
+                    len(self._backlog),
+                )
             raise Unavailable(
                 f"{len(self._backlog)} events wait for delivery; try again shortly"
             )
+        self._backlog_full = False
         events = await self.backend.publish(
             drafts, max_bytes=self.settings.max_event_bytes
         )

@@ -14,9 +14,11 @@ import httpx
 import pytest
 from services import RedisServer, SilentProxy
 from support import (
+    API_KEY,
     Gateway,
     WsClient,
     admin_stats,
+    assert_no_error_logged,
     event,
     publish,
     read_metrics,
@@ -311,3 +313,57 @@ async def _publish_steadily(
         number += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.1)
+
+
+@pytest.mark.timeout(90)
+async def test_subscriptions_made_while_redis_is_down_work_once_it_returns(
+    tmp_path: Path, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subscribing during an outage is answered at once (history: an error frame),
+    admin reads get 503, and both exact and wildcard filters deliver afterwards."""
+    server = RedisServer(tmp_path)
+    server.start()
+    monkeypatch.setenv("GATEWAY_REDIS_URL", server.url)
+    gateway = start_gateway(tmp_path)
+    try:
+        server.stop()
+        await _expect_503(http, gateway)
+        async with ws_client(gateway) as client:
+            started = time.monotonic()
+            await client.send(
+                {
+                    "op": "subscribe",
+                    "topics": ["m/x", "m2/#"],
+                    "offsets": {"m/x": 3},
+                }
+            )
+            answers = [await client.recv(5), await client.recv(5)]
+            assert time.monotonic() - started < timeout(2)
+            assert answers[0]["type"] == "subscribed"
+            assert (answers[1]["type"], answers[1]["code"]) == ("error", "unavailable")
+            stats = await http.get(
+                f"{gateway.http_url}/admin/stats",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            assert stats.status_code == 503
+            assert stats.json()["error"]["code"] == "unavailable"
+
+            server.start()
+
+            async def ready() -> bool:
+                response = await http.get(f"{gateway.http_url}/readyz")
+                return response.status_code == 200
+
+            # Subscriptions are made again once Redis answers; /readyz says when.
+            await wait_until(ready, 5, "the gateway ready again")
+            for topic in ("m/x", "m2/y"):
+                deadline = time.monotonic() + timeout(5)
+                while (await publish(http, gateway, event(topic))).status_code != 200:
+                    assert time.monotonic() < deadline, "redis did not come back"
+                    await asyncio.sleep(0.05)
+            received = await client.events(2, seconds=5)
+            assert sorted(e["topic"] for e in received) == ["m/x", "m2/y"]
+        assert_no_error_logged(gateway)
+    finally:
+        gateway.stop()
+        server.stop()

@@ -100,7 +100,9 @@ async def publish(request: Request) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.code, str(exc), headers)
     except Unavailable as exc:
-        logger.warning("publish refused: %s", exc)
+        # The backend logs its outage once; a line per refused request would
+        # flood the log while it lasts.
+        logger.debug("publish refused: %s", exc)
         return error_response(
             503, "unavailable", str(exc), headers={"Retry-After": "1"}
         )
@@ -155,10 +157,16 @@ async def admin_stats(request: Request) -> Response:
     except Unauthorized as exc:
         return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "Bearer"})
     backend = runtime.backend
-    topics = await backend.topic_stats()
+    try:
+        topics = await backend.topic_stats()
+        connections = await backend.connection_count()
+    except Unavailable as exc:
+        return error_response(
+            503, "unavailable", str(exc), headers={"Retry-After": "1"}
+        )
     return JSONResponse(
         {
-            "connections": await backend.connection_count(),
+            "connections": connections,
             "topics": [
                 {
                     "topic": item.name,

@@ -35,6 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.config import without_credentials
@@ -145,6 +146,9 @@ class RedisBackend(StateBackend):
         self._ready = False
         # Whether exact subscriptions use sharded channels (SSUBSCRIBE).
         self._sharded = False
+        # Set when a subscribe failed; the listener then reconnects and
+        # subscribes to everything again.
+        self._resubscribe = False
         # This replica's connections and their filters: written to Redis on every
         # refresh, so they come back after Redis lost its data.
         self._records: dict[str, ConnectionRecord] = {}
@@ -247,7 +251,8 @@ class RedisBackend(StateBackend):
             await self._redis.aclose()
 
     def is_ready(self) -> bool:
-        return self._ready
+        # Not ready either while subscriptions wait to be made again.
+        return self._ready and not self._resubscribe
 
     def _safe_url(self) -> str:
         # Never log a password that the URL may carry.
@@ -320,8 +325,10 @@ class RedisBackend(StateBackend):
                 loop = asyncio.get_running_loop()
                 self._confirmations[channel] = loop.create_future()
                 await self._subscribe(name)
-        # Absent once Redis has confirmed: the listener removes it then.
-        future = self._confirmations.get(channel)
+        # Absent once Redis has confirmed: the listener removes it then. While
+        # Redis is away there is nothing to wait for: the reconnection
+        # subscribes and catches up from history.
+        future = self._confirmations.get(channel) if self._ready else None
         if future is not None:
             # Wait for Redis to confirm, so that a history read that follows cannot
             # miss an event published in between. If Redis is away, the reconnect
@@ -382,10 +389,12 @@ class RedisBackend(StateBackend):
                 await self._pubsub.ssubscribe(channel)
             else:
                 await self._pubsub.subscribe(channel)
-        except RedisError as exc:
-            # The listener subscribes again to every watched filter once Redis is
-            # back; the confirmation arrives then.
+        except (RedisError, OSError) as exc:
+            # The listener goes through its reconnection, which subscribes again
+            # to every watched channel once Redis is back.
             logger.debug("subscribe to %s failed: %s", channel, exc)
+            self._resubscribe = True
+            self._set_ready(False, exc)
 
     async def _listen(self) -> None:
         """Read pub/sub messages for ever, reconnecting after every failure."""
@@ -404,6 +413,10 @@ class RedisBackend(StateBackend):
     async def _read_messages(self) -> None:
         pubsub = self._pubsub
         while True:
+            if self._resubscribe:
+                # A subscription failed (Redis was away): start over, which also
+                # catches up from history.
+                raise RedisConnectionError("a subscription failed; resubscribing")
             if not pubsub.subscribed:
                 # redis-py returns at once when nothing is subscribed yet.
                 await asyncio.sleep(0.05)
@@ -534,6 +547,7 @@ class RedisBackend(StateBackend):
         Returns:
             Whether Redis answered; the caller retries until it does.
         """
+        self._resubscribe = False
         try:
             await self._client().ping()
             old = self._pubsub
@@ -545,6 +559,9 @@ class RedisBackend(StateBackend):
                 future = self._confirmations[name.encode()] = loop.create_future()
                 pending.append(future)
                 await self._subscribe(name)
+            if self._resubscribe:
+                # A subscribe failed (it said why): Redis is not back after all.
+                return False
             await self._restore_floors()
             await self._write_records()
         except (RedisError, OSError) as exc:
@@ -722,7 +739,7 @@ class RedisBackend(StateBackend):
         try:
             await client.zremrangebyscore(key, "-inf", time.time())
             return int(await client.zcard(key))
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:
             raise Unavailable("redis unavailable") from exc
 
     async def topic_stats(self) -> list[TopicStats]:
@@ -732,7 +749,10 @@ class RedisBackend(StateBackend):
         try:
             async for key in client.scan_iter(match=f"{self._prefix}subs:*", count=500):
                 name = key.decode()[len(self._prefix) + len("subs:") :]
-                count = int(await client.zcount(key, now, "+inf"))
+                # Members left by crashed replicas have expired: drop them here,
+                # so these sets do not grow for ever.
+                await client.zremrangebyscore(key, "-inf", now)
+                count = int(await client.zcard(key))
                 if count:
                     stats[name] = TopicStats(name, subscribers=count)
             async for key in client.scan_iter(
@@ -741,7 +761,7 @@ class RedisBackend(StateBackend):
                 name = key.decode()[len(self._prefix) + 1 : -len("}:seq")]
                 last = int(await client.get(key) or 0)
                 stats.setdefault(name, TopicStats(name)).last_offset = last
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:
             raise Unavailable("redis unavailable") from exc
         return [stats[name] for name in sorted(stats)]
 

@@ -38,7 +38,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State as CoreState
 from websockets.server import ServerProtocol
 
-from gateway.errors import ClientError, LimitExceeded
+from gateway.errors import ClientError, LimitExceeded, Unavailable
 from gateway.events.envelope import Event
 from gateway.state.base import ConnectionRecord
 from gateway.transports.messages import (
@@ -502,7 +502,20 @@ class WebSocketProtocol(asyncio.Protocol):
         )
         await runtime.backend.add_subscriptions(self.id, new)
         for topic, after in operation.offsets.items():
-            await self._replay(topic, after)
+            try:
+                await self._replay(topic, after)
+            except Unavailable as exc:
+                # History cannot be read while the backend is away: say so, and
+                # let the live events held for this topic go.
+                self._release_hold(topic)
+                self._write(
+                    error_frame(
+                        "unavailable",
+                        f"history of {topic!r} cannot be read now ({exc}); "
+                        "subscribe again with offsets to resume",
+                        operation.ref,
+                    )
+                )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("connection %s subscribed to %s", self.id, operation.filters)
 
@@ -557,6 +570,13 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._replayed is None:
             self._replayed = {}
         self._replayed[topic] = last
+
+    def _release_hold(self, topic: str) -> None:
+        held = self._hold.pop(topic, []) if self._hold is not None else []
+        if self._hold is not None and not self._hold:
+            self._hold = None
+        for event in held:
+            self._write(event.frame)
 
     async def _write_paced(self, data: bytes) -> None:
         """Write for a replay: wait for the buffer to drain instead of the cap.
