@@ -60,6 +60,7 @@ def test_qos_rules_first_match_wins_and_bad_rules_are_refused() -> None:
     assert qos_for("stocks/AAPL", rules) == (1, False)
     assert qos_for("stocks/MSFT", rules) == (0, True)
     assert parse_qos_rules("") == ()
+    assert parse_qos_rules(" teams/# = 1r ") == parse_qos_rules("teams/#=1r")
     for bad in ("stocks/#", "stocks/#=3", "a/#/b=1", "x=1q"):
         with pytest.raises(ValueError, match="bad rule"):
             parse_qos_rules(bad)
@@ -77,6 +78,9 @@ def test_broker_url_parsing_and_secret_free_logging() -> None:
     assert parse_broker_url("mqtts://h").port == 8883
     with pytest.raises(ValueError, match="mqtt://"):
         parse_broker_url("http://h")
+    for bad in ("mqtt://h:0", "mqtt://h/path", "mqtt://h?x=1"):
+        with pytest.raises(ValueError):
+            parse_broker_url(bad)
     settings = Settings(mqtt_url="mqtt://gw:secret@h:1883")
     assert settings.loggable()["mqtt_url"] == "mqtt://h:1883"
     with pytest.raises(ValueError, match="mqtt_qos"):

@@ -99,6 +99,7 @@ def parse_qos_rules(text: str) -> tuple[QosRule, ...]:
     rules = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         topic_filter, sep, flags = item.rpartition("=")
+        topic_filter, flags = topic_filter.strip(), flags.strip()
         retain = flags.endswith("r")
         qos = flags.removesuffix("r")
         if not sep or qos not in ("0", "1", "2"):
@@ -145,6 +146,10 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ValueError(f"expected mqtt:// or mqtts://, not {parts.scheme!r}")
     if not parts.hostname:
         raise ValueError("no host in the broker URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("a broker URL has no path, query or fragment")
+    if parts.port == 0:
+        raise ValueError("port 0 is not a broker's port")
     tls = parts.scheme == "mqtts"
     return BrokerAddress(
         host=parts.hostname,
