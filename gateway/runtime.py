@@ -50,6 +50,8 @@ class Runtime:
         # Whether publishes are being refused for a full backlog (logged once).
         self._backlog_full = False
         self.metrics.backlog.set_function(lambda: len(self._backlog))
+        # Derived from the routing table when scraped, so it cannot drift.
+        self.metrics.subscriptions.set_function(lambda: self.router.subscription_count)
         backend.set_listener(self.on_event)
         # Publishes the events this replica accepts to the broker; None when no
         # broker URL is set.

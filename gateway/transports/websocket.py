@@ -492,7 +492,6 @@ class WebSocketProtocol(asyncio.Protocol):
         for topic_filter in new:
             self.filters.add(topic_filter)
             runtime.router.add(self, topic_filter)
-        runtime.metrics.subscriptions.inc(len(new))
         for topic_filter in new:
             await runtime.backend.watch(topic_filter)
         self._write(
@@ -598,7 +597,6 @@ class WebSocketProtocol(asyncio.Protocol):
         for topic_filter in gone:
             self.filters.discard(topic_filter)
             runtime.router.remove(self, topic_filter)
-        runtime.metrics.subscriptions.dec(len(gone))
         self._write(
             control_frame(
                 "unsubscribed", topics=list(operation.filters), ref=operation.ref
@@ -730,7 +728,6 @@ class WebSocketProtocol(asyncio.Protocol):
         filters = list(self.filters)
         self.filters.clear()
         runtime.router.remove_all(self, filters)
-        runtime.metrics.subscriptions.dec(len(filters))
         runtime.metrics.connections.dec()
         self._hold = None
         worker = self._worker
