@@ -562,19 +562,20 @@ class WebSocketProtocol(asyncio.Protocol):
             if event.offset > last:
                 await self._write_paced(event.frame)
                 last = event.offset
-        if self._hold is not None:
-            self._hold.pop(topic, None)
-            if not self._hold:
-                self._hold = None
+        self._stop_holding(topic)
         if self._replayed is None:
             self._replayed = {}
         self._replayed[topic] = last
 
-    def _release_hold(self, topic: str) -> None:
+    def _stop_holding(self, topic: str) -> list[Event]:
+        """Stop holding live events of ``topic``; return those held."""
         held = self._hold.pop(topic, []) if self._hold is not None else []
         if self._hold is not None and not self._hold:
             self._hold = None
-        for event in held:
+        return held
+
+    def _release_hold(self, topic: str) -> None:
+        for event in self._stop_holding(topic):
             self._write(event.frame)
 
     async def _write_paced(self, data: bytes) -> None:
