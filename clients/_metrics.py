@@ -1,11 +1,14 @@
 """Readings of one benchmark phase: clocks, CPU, memory, latency and losses.
 
 CPU and memory are read from outside the server's processes through psutil and,
-for a configuration of several replicas, summed over them.
+for a configuration of several processes, summed over them; with a broker, the
+gateway's and the broker's shares are also kept apart. The gateway's MQTT bridge
+counters come from its ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import os
@@ -13,10 +16,19 @@ import time
 
 import psutil
 
-from clients._servers import Deployment
+from clients._servers import HOST, Deployment
 from clients._wire import Tally
 
-__all__ = ["Readings", "phase_metrics"]
+__all__ = ["Readings", "bridge_counters", "phase_metrics"]
+
+#: The bridge's counters in ``/metrics``, and their names in the results.
+_BRIDGE_COUNTERS = {
+    b"gateway_mqtt_published_total": "bridge_published",
+    b"gateway_mqtt_dropped_total": "bridge_dropped",
+    b"gateway_mqtt_failures_total": "bridge_failures",
+}
+#: Seconds allowed to read ``/metrics``.
+_METRICS_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass
@@ -32,6 +44,8 @@ class Readings:
     server: tuple[float, float]
     client: tuple[float, float]
     machine: float
+    #: ``server`` split by role (``gateway``, ``broker``, ``baseline``).
+    roles: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def take(cls, server: Deployment) -> Readings:
@@ -42,8 +56,13 @@ class Readings:
         # Guest time is already counted in user time on Linux.
         guest = getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
         busy = sum(machine) - idle - guest
+        roles = server.cpu_by_role()
+        total = (
+            sum(part[0] for part in roles.values()),
+            sum(part[1] for part in roles.values()),
+        )
         return cls(
-            time.perf_counter(), server.cpu_seconds(), (own.user, own.system), busy
+            time.perf_counter(), total, (own.user, own.system), busy, roles=roles
         )
 
 
@@ -81,7 +100,16 @@ def phase_metrics(
     received = tally.received
     seconds = max(tally.last_at - start.at, 1e-9)
     latencies = sorted(tally.latencies)
+    parts: dict[str, float] = {}
+    if server.mqtt is not None:
+        # Where the server's CPU went: the gateway (ingest and bridge) and the
+        # broker (the fan-out itself), each per delivery.
+        for role, times in end.roles.items():
+            before = start.roles.get(role, (0.0, 0.0))
+            parts.update(_cpu_metrics(role, before, times, received))
+        parts["marked_dup"] = tally.marked_dup
     return {
+        **parts,
         **_cpu_metrics("server", start.server, end.server, received),
         **_cpu_metrics("client", start.client, end.client, received),
         "other_cores": _other_cores(start, end),
@@ -103,3 +131,32 @@ def _quantile(ordered: list[float], q: float) -> float:
     if not ordered:
         return math.nan
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def bridge_counters(server: Deployment) -> dict[str, float]:
+    """The MQTT bridge's counters from the first gateway's ``/metrics``.
+
+    Empty for a configuration without a broker.
+
+    Raises:
+        OSError: the gateway could not be reached.
+        TimeoutError: it did not answer within ``_METRICS_TIMEOUT`` s.
+    """
+    if server.mqtt is None:
+        return {}
+    async with asyncio.timeout(_METRICS_TIMEOUT):
+        reader, writer = await asyncio.open_connection(HOST, server.publish_port)
+        try:
+            writer.write(
+                f"GET /metrics HTTP/1.1\r\nHost: {HOST}:{server.publish_port}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            text = await reader.read()
+        finally:
+            writer.close()
+    counters = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(b" ")
+        if name in _BRIDGE_COUNTERS:
+            counters[_BRIDGE_COUNTERS[name]] = float(value)
+    return counters

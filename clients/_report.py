@@ -1,7 +1,7 @@
 """The fan-out benchmark's report: medians of the runs, a table, targets, JSON.
 
 The targets compare ``gateway`` (in memory) with ``baseline``; the Redis-backed
-configurations get their columns in the table but no targets.
+and MQTT configurations get their columns in the table but no targets.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import orjson
 from websockets.version import version as websockets_version
 
 from clients._redis import safe_url
-from clients._servers import uses_redis
+from clients._servers import uses_mqtt, uses_redis
 
 if TYPE_CHECKING:
     from clients.fanout_bench import Options
@@ -56,11 +56,18 @@ _ROWS = [
     _Row("steady.lost_worst", "steady: lost, worst run", _COUNT, compare=False),
     _Row("steady.duplicates_worst", "steady: duplicates, worst run", _COUNT, False),
     _Row("steady.server_cpu_us_per_delivery", "steady: server CPU µs/delivery"),
+    _Row(
+        "steady.gateway_cpu_us_per_delivery", "steady: of which gateway", compare=False
+    ),
+    _Row("steady.broker_cpu_us_per_delivery", "steady: of which broker", compare=False),
     _Row("steady.client_cpu_us_per_delivery", "steady: client CPU µs/delivery"),
     _Row("steady.other_cores", "steady: other processes, cores", "{:.2f}", False),
     _Row("steady.behind_schedule", "steady: events sent late", _COUNT, False),
+    _Row("steady.bridge_dropped", "steady: events dropped by bridge", _COUNT, False),
     _Row("burst.deliveries_per_s", "burst: deliveries/s", _COUNT),
     _Row("burst.server_cpu_us_per_delivery", "burst: server CPU µs/delivery"),
+    _Row("burst.gateway_cpu_us_per_delivery", "burst: of which gateway", compare=False),
+    _Row("burst.broker_cpu_us_per_delivery", "burst: of which broker", compare=False),
     _Row("burst.server_sys_share", "burst: server CPU in kernel", "{:.0%}"),
     _Row("burst.client_cpu_us_per_delivery", "burst: client CPU µs/delivery"),
     _Row("burst.other_cores", "burst: other processes, cores", "{:.2f}", False),
@@ -71,6 +78,8 @@ _ROWS = [
     _Row("burst.lost_worst", "burst: lost, worst run", _COUNT, compare=False),
     _Row("burst.duplicates_worst", "burst: duplicates, worst run", _COUNT, False),
     _Row("burst.closed", "burst: connections closed by server", _COUNT, False),
+    _Row("burst.bridge_dropped", "burst: events dropped by bridge", _COUNT, False),
+    _Row("burst.marked_dup", "burst: deliveries marked DUP", _COUNT, False),
     _Row("burst.server_rss_mb", "burst: RSS after, MB"),
 ]
 
@@ -212,10 +221,10 @@ def _notes(summary: dict[str, dict[str, float]], options: Options) -> list[str]:
     """What the reader must know about configurations of several processes."""
     notes = []
     for kind, row in summary.items():
-        processes = int(row.get("idle.processes", 1))
-        if processes > 1:
+        replicas = int(row.get("idle.replicas", row.get("idle.processes", 1)))
+        if replicas > 1:
             notes.append(
-                f"{kind}: {processes} replicas sharing Redis, subscribers spread "
+                f"{kind}: {replicas} replicas sharing Redis, subscribers spread "
                 "evenly, events published to the first; CPU and RSS are sums over "
                 "the replicas, RSS per connection is the summed growth divided by "
                 "all subscribers."
@@ -225,7 +234,42 @@ def _notes(summary: dict[str, dict[str, float]], options: Options) -> list[str]:
             f"Redis at {safe_url(options.redis_url)}, a fresh key prefix per run; "
             "its own CPU is in 'other processes'."
         )
+    notes.extend(_mqtt_notes(summary, options))
     return ["", *_wrap(notes)] if notes else []
+
+
+def _mqtt_notes(summary: dict[str, dict[str, float]], options: Options) -> list[str]:
+    """How the MQTT configurations were measured, when there are any."""
+    kinds = [kind for kind in summary if uses_mqtt(kind)]
+    if not kinds:
+        return []
+    notes = [
+        f"{', '.join(kinds)}: events published over HTTP to the gateway, which "
+        f"publishes each to the broker at QoS {options.mqtt_qos_level} under its "
+        f"default rules; {options.subscribers:,} MQTT 3.1.1 subscribers of "
+        f"{options.topic!r} at QoS {options.mqtt_qos_level}. Latency runs from "
+        "the publisher to the MQTT subscriber. A delivery the broker dropped (a "
+        "QoS 0 queue full) counts as lost, as does an event the bridge dropped, "
+        "once per subscriber."
+    ]
+    if "gateway-mqtt" in kinds and options.mqtt_url is None:
+        notes.append(
+            "gateway-mqtt: a private Mosquitto started per run on a free loopback "
+            f"port (max_queued_messages {options.mqtt_max_queued:,}, Nagle off); "
+            "server CPU is the gateway's plus the broker's, both shown."
+        )
+    elif "gateway-mqtt" in kinds:
+        notes.append(
+            f"gateway-mqtt: the broker at {safe_url(options.mqtt_url or '')}; "
+            "server CPU is the gateway's alone, the broker is not measured."
+        )
+    if "gateway-embedded-mqtt" in kinds:
+        notes.append(
+            "gateway-embedded-mqtt: the gateway's embedded broker (amqtt, a child "
+            "process of the gateway); server CPU is the gateway's plus the "
+            "broker's, both shown."
+        )
+    return notes
 
 
 def _wrap(notes: list[str]) -> list[str]:

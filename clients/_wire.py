@@ -77,6 +77,10 @@ class Tally:
         self.latencies = array("d")
         # Close codes of connections the server ended, 1006 for a lost socket.
         self.closes: Counter[int] = Counter()
+        # MQTT only: deliveries the broker marked DUP (sent again at QoS 1), and
+        # retained messages, sent on subscribing and never counted as received.
+        self.marked_dup = 0
+        self.retained = 0
 
     @property
     def unique(self) -> int:

@@ -1,10 +1,10 @@
 """``gateway fanout-bench``: fan-out to many subscribers, the gateway vs a baseline.
 
 For every run and every server configuration (the gateway in memory, on Redis with
-one or two replicas, and the raw ``websockets.broadcast`` server of
-``clients.baseline_server``; see ``clients._servers``), the benchmark starts the
-configuration as fresh subprocesses on free loopback ports and, with the same load
-generator:
+one or two replicas, publishing to an MQTT broker whose subscribers are measured
+instead, and the raw ``websockets.broadcast`` server of ``clients.baseline_server``;
+see ``clients._servers``), the benchmark starts the configuration as fresh
+subprocesses on free loopback ports and, with the same load generator:
 
 1. measures its resident memory, connects N subscribers to one topic in batches,
    spread evenly over its replicas, waits a moment and measures it again (the idle
@@ -24,7 +24,11 @@ configuration's processes. The runs of the configurations are interleaved, so th
 a noisy neighbour hurts all alike, and the report shows the median of the runs.
 
 The load generator is one process on uvloop; every subscriber is a hand-written
-protocol (``clients._wire``) that costs the same whichever server it talks to.
+protocol (``clients._wire`` for WebSocket, ``clients._mqtt_wire`` for MQTT 3.1.1)
+that costs the same whichever server it talks to. MQTT subscribers read the same
+envelope bytes as WebSocket ones and count them in the same tally; events are
+published over HTTP to the gateway in every gateway configuration, so MQTT
+latency covers the gateway, its bridge and the broker.
 Everything stays on loopback and every wait is bounded; ``--timeout`` bounds the
 whole benchmark.
 """
@@ -43,16 +47,20 @@ from pathlib import Path
 import orjson
 import uvloop
 
-from clients._metrics import Readings, phase_metrics
+from clients._metrics import Readings, bridge_counters, phase_metrics
+from clients._mqtt_wire import MqttClient, open_mqtt_client
 from clients._publish import HttpPublisher, Publisher, WebSocketPublisher
 from clients._redis import DEFAULT_REDIS_URL, check_redis
 from clients._report import Results, render_report, write_json
 from clients._servers import (
     HOST,
+    MOSQUITTO,
     SERVER_KINDS,
+    BrokerOptions,
     Deployment,
     raise_open_files_limit,
     start_deployment,
+    uses_mqtt,
     uses_redis,
 )
 from clients._wire import BenchError, Tally, WebSocketClient, open_client
@@ -70,6 +78,18 @@ _PUBLISH_TIMEOUT = 60.0
 _SETTLE = 1.0
 #: Seconds after its time at which a steady event counts as behind schedule.
 _LATE = 0.010
+#: The warm-up event's topic: QoS 1 under the gateway's default MQTT rules, so
+#: that the bridge keeps it until it has connected to the broker, and in a tree
+#: every MQTT subscriber may read.
+WARMUP_TOPIC = "fixtures/bench-warmup"
+#: The default topic per ``--mqtt-qos-level``: QoS 0 (and retained) and QoS 1
+#: under the gateway's default ``--mqtt-qos`` rules.
+_TOPIC_FOR_QOS = {0: "stocks/AAPL", 1: "fixtures/bench"}
+#: Seconds an MQTT subscriber announces as its keepalive.
+_MQTT_KEEPALIVE = 60
+
+#: One subscriber, of either protocol.
+Subscriber = WebSocketClient | MqttClient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +112,17 @@ class Options:
     timeout: float
     log_dir: Path
     redis_url: str
+    mqtt_qos_level: int = 0
+    mqtt_url: str | None = None
+    mosquitto: str = MOSQUITTO
+    mqtt_max_queued: int = 100_000
+
+    @property
+    def broker(self) -> BrokerOptions:
+        """How the MQTT configurations get their broker."""
+        return BrokerOptions(
+            url=self.mqtt_url, mosquitto=self.mosquitto, max_queued=self.mqtt_max_queued
+        )
 
 
 def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
@@ -110,9 +141,10 @@ def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway fanout-bench",
-        description="Fan-out benchmark: the gateway (in memory, or on Redis with "
-        "one or two replicas) against a raw websockets broadcast() server, all "
-        "started here on loopback.",
+        description="Fan-out benchmark: the gateway (in memory, on Redis with one "
+        "or two replicas, or publishing to an MQTT broker whose subscribers are "
+        "measured) against a raw websockets broadcast() server, all started here "
+        "on loopback.",
     )
     add = parser.add_argument
     add("--subscribers", "-n", type=int, default=5000, help="subscribers (N)")
@@ -131,7 +163,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(SERVER_KINDS)}, or all",
     )
     add("--json", type=Path, default=None, help="also write results here")
-    add("--topic", default="stocks/AAPL", help="the topic every subscriber holds")
+    add(
+        "--topic",
+        default=None,
+        help="the topic every subscriber holds (default: stocks/AAPL, or "
+        "fixtures/bench with --mqtt-qos-level 1)",
+    )
     add("--publishers", type=int, default=4, help="publishing connections")
     add("--connect-batch", type=int, default=200, help="concurrent handshakes")
     add("--pad", type=int, default=16, help="padding characters in eventDetails")
@@ -160,6 +197,29 @@ def _parser() -> argparse.ArgumentParser:
         help="the Redis of the gateway-redis configurations; each run uses a "
         "fresh key prefix and deletes its keys afterwards",
     )
+    add(
+        "--mqtt-qos-level",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="QoS of the MQTT configurations: the topic's QoS under the gateway's "
+        "default --mqtt-qos rules, and what MQTT subscribers ask for",
+    )
+    add(
+        "--mqtt-url",
+        default=None,
+        help="an existing broker for gateway-mqtt instead of a private Mosquitto "
+        "started per run (its CPU is then not measured); topics get a prefix of "
+        "the run's own and subscribers log in with the URL's user, if any",
+    )
+    add("--mosquitto", default=MOSQUITTO, help="the Mosquitto executable")
+    add(
+        "--mqtt-max-queued",
+        type=int,
+        default=100_000,
+        help="Mosquitto's max_queued_messages per subscriber; past it QoS 0 "
+        "messages are dropped, and counted as lost",
+    )
     return parser
 
 
@@ -177,6 +237,14 @@ def parse_args(argv: Sequence[str]) -> Options:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    topic = args.topic or _TOPIC_FOR_QOS[args.mqtt_qos_level]
+    if any(uses_mqtt(kind) for kind in servers):
+        problem = _mqtt_problem(topic, args.mqtt_qos_level, args.mqtt_url)
+        if problem is None and args.mqtt_url is None:
+            if not Path(args.mosquitto).is_file():
+                problem = f"--mosquitto {args.mosquitto!r} not found"
+        if problem:
+            parser.error(problem)
     options = Options(
         subscribers=args.subscribers,
         events=args.events,
@@ -185,7 +253,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         modes=modes,
         servers=servers,
         json_path=args.json,
-        topic=args.topic,
+        topic=topic,
         publishers=args.publishers,
         connect_batch=args.connect_batch,
         pad=args.pad,
@@ -194,10 +262,45 @@ def parse_args(argv: Sequence[str]) -> Options:
         timeout=args.timeout or 0.0,
         log_dir=args.log_dir,
         redis_url=args.redis_url,
+        mqtt_qos_level=args.mqtt_qos_level,
+        mqtt_url=args.mqtt_url,
+        mosquitto=args.mosquitto,
+        mqtt_max_queued=args.mqtt_max_queued,
     )
     if not args.timeout:
         options = _with_estimated_timeout(options)
     return options
+
+
+def _mqtt_problem(topic: str, qos: int, url: str | None) -> str | None:
+    """Why the MQTT options cannot be measured as asked, or None."""
+    # The gateway's own rules decide the QoS it publishes at; the benchmark
+    # measures them as shipped rather than setting its own.
+    from gateway.transports.mqtt import (
+        DEFAULT_QOS_RULES,
+        parse_broker_url,
+        parse_qos_rules,
+        qos_for,
+    )
+
+    published, _ = qos_for(topic, parse_qos_rules(DEFAULT_QOS_RULES))
+    if published != qos:
+        return (
+            f"the gateway publishes {topic!r} at QoS {published}, not "
+            f"{qos}; choose a --topic for --mqtt-qos-level {qos}"
+        )
+    if url is None:
+        return None
+    try:
+        address = parse_broker_url(url)
+    except ValueError as exc:
+        return f"--mqtt-url: {exc}"
+    if address.host in ("127.0.0.1", "localhost", "::1") and address.port == 1883:
+        return (
+            "--mqtt-url: 1883 on this machine is its own broker, never used for "
+            "benchmarks; leave --mqtt-url unset to start a private Mosquitto"
+        )
+    return None
 
 
 def _with_estimated_timeout(options: Options) -> Options:
@@ -255,8 +358,49 @@ async def open_publisher(server: Deployment) -> Publisher:
     )
 
 
-async def subscribe_one(port: int, topic: str, tally: Tally) -> WebSocketClient:
-    """Open one subscriber: upgrade, welcome, subscribe, subscribed."""
+async def subscribe_one(
+    server: Deployment, index: int, topic: str, tally: Tally, qos: int
+) -> Subscriber:
+    """Open the ``index``-th subscriber to ``topic``, of the kind ``server`` takes.
+
+    WebSocket subscribers take the server's processes in turn; MQTT ones all
+    go to its broker, at most at QoS ``qos``.
+    """
+    if server.mqtt is None:
+        ports = server.ports
+        return await subscribe_websocket(ports[index % len(ports)], topic, tally)
+    return await subscribe_mqtt(server, topic, tally, qos)
+
+
+async def subscribe_mqtt(
+    server: Deployment, topic: str, tally: Tally, qos: int
+) -> MqttClient:
+    """Open one MQTT subscriber: CONNECT, CONNACK, SUBSCRIBE, SUBACK."""
+    broker = server.mqtt
+    assert broker is not None
+    client = await open_mqtt_client(
+        broker.host,
+        broker.port,
+        tally,
+        keepalive=_MQTT_KEEPALIVE,
+        username=broker.username,
+        password=broker.password,
+        handshake_timeout=_HANDSHAKE_TIMEOUT,
+    )
+    try:
+        async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+            granted = await client.subscribe(broker.prefix + topic, qos)
+    except BaseException:
+        client.abort()
+        raise
+    if granted != qos:
+        client.abort()
+        raise BenchError(f"the broker granted QoS {granted}, not {qos}")
+    return client
+
+
+async def subscribe_websocket(port: int, topic: str, tally: Tally) -> WebSocketClient:
+    """Open one WebSocket subscriber: upgrade, welcome, subscribe, subscribed."""
     client = await open_client(
         HOST, port, "/ws", tally, handshake_timeout=_HANDSHAKE_TIMEOUT
     )
@@ -280,33 +424,34 @@ async def connect_subscribers(
     server: Deployment,
     tally: Tally,
     options: Options,
-    clients: list[WebSocketClient],
+    clients: list[Subscriber],
 ) -> int:
     """Connect ``options.subscribers`` clients, a batch of handshakes at a time.
 
-    The clients take the server's processes in turn, so that each replica of
-    a configuration holds the same share, give or take one. Batches keep the
-    number of connections waiting in the server's listen backlog bounded, so
-    that no server is judged by its backlog size. Each subscribed client is
-    appended to ``clients`` at once, so that the caller can close them all
-    even if this fails half way.
+    WebSocket clients take the server's processes in turn, so that each
+    replica of a configuration holds the same share, give or take one. Batches
+    keep the number of connections waiting in the server's listen backlog
+    bounded, so that no server is judged by its backlog size. Each subscribed
+    client is appended to ``clients`` at once, so that the caller can close
+    them all even if this fails half way.
 
     Returns:
         How many clients failed to connect or subscribe.
     """
-    ports = server.ports
     failures = 0
     for first in range(0, options.subscribers, options.connect_batch):
         batch = range(first, min(first + options.connect_batch, options.subscribers))
         results = await asyncio.gather(
             *(
-                subscribe_one(ports[index % len(ports)], options.topic, tally)
+                subscribe_one(
+                    server, index, options.topic, tally, options.mqtt_qos_level
+                )
                 for index in batch
             ),
             return_exceptions=True,
         )
         for result in results:
-            if isinstance(result, WebSocketClient):
+            if isinstance(result, WebSocketClient | MqttClient):
                 clients.append(result)
             elif isinstance(result, Exception):
                 failures += 1
@@ -319,14 +464,16 @@ async def warm_up(server: Deployment, publisher: Publisher, pad: str) -> None:
     """Deliver one event to one subscriber per process, so lazy set-up is not measured.
 
     With several replicas this also proves, before measuring, that an event
-    published to the first one reaches subscribers of every other.
+    published to the first one reaches subscribers of every other; with a
+    broker, that the gateway's bridge is connected and publishing.
     """
     tally = Tally()
-    clients: list[WebSocketClient] = []
+    clients: list[Subscriber] = []
+    count = 1 if server.mqtt is not None else len(server.ports)
     try:
-        for port in server.ports:
-            clients.append(await subscribe_one(port, "bench/warmup", tally))
-        await publisher.publish(event_body("bench/warmup", 0, pad))
+        for index in range(count):
+            clients.append(await subscribe_one(server, index, WARMUP_TOPIC, tally, 1))
+        await publisher.publish(event_body(WARMUP_TOPIC, 0, pad))
         await wait_for_deliveries(tally, len(clients), _HANDSHAKE_TIMEOUT)
     finally:
         for client in clients:
@@ -345,12 +492,13 @@ async def idle_phase(
     server: Deployment,
     tally: Tally,
     options: Options,
-    clients: list[WebSocketClient],
+    clients: list[Subscriber],
 ) -> dict[str, float]:
     """Connect the subscribers and measure the memory each one costs the server.
 
     With several processes, their memory is summed and its growth divided by
-    every subscriber, wherever it is connected.
+    every subscriber, wherever it is connected; with a broker, the broker's
+    memory is in the sum.
     """
     before = server.rss_bytes()
     failures = await connect_subscribers(server, tally, options, clients)
@@ -359,6 +507,7 @@ async def idle_phase(
     count = max(len(clients), 1)
     return {
         "processes": len(server.processes),
+        "replicas": len(server.servers),
         "subscribers": len(clients),
         "connect_failures": failures,
         "rss_before_mb": before / 2**20,
@@ -446,7 +595,7 @@ async def burst_phase(
 
 
 async def _phases(
-    server: Deployment, options: Options, clients: list[WebSocketClient]
+    server: Deployment, options: Options, clients: list[Subscriber]
 ) -> dict[str, float]:
     publishers = [await open_publisher(server) for _ in range(options.publishers)]
     try:
@@ -460,17 +609,25 @@ async def _phases(
         gc.collect()
         gc.freeze()
         if "steady" in options.modes:
+            before = await bridge_counters(server)
             steady = await steady_phase(
                 server, publishers, tally, len(clients), options
             )
+            steady |= _difference(await bridge_counters(server), before)
             metrics.update({f"steady.{key}": value for key, value in steady.items()})
         if "burst" in options.modes:
+            before = await bridge_counters(server)
             burst = await burst_phase(server, publishers, tally, len(clients), options)
+            burst |= _difference(await bridge_counters(server), before)
             metrics.update({f"burst.{key}": value for key, value in burst.items()})
         return metrics
     finally:
         for publisher in publishers:
             publisher.close()
+
+
+def _difference(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
 
 async def measure(kind: str, options: Options) -> dict[str, float]:
@@ -480,8 +637,9 @@ async def measure(kind: str, options: Options) -> dict[str, float]:
         options.log_dir,
         max_buffer_bytes=options.max_buffer_bytes,
         redis_url=options.redis_url,
+        broker=options.broker,
     )
-    clients: list[WebSocketClient] = []
+    clients: list[Subscriber] = []
     try:
         await server.wait_ready(_START_TIMEOUT)
         return await _phases(server, options, clients)
@@ -491,8 +649,41 @@ async def measure(kind: str, options: Options) -> dict[str, float]:
         for client in clients:
             client.abort()
         await asyncio.sleep(0)
+        if server.mqtt is not None and server.mqtt.external:
+            await clear_retained(server, (options.topic, WARMUP_TOPIC))
         server.stop()
         gc.unfreeze()
+
+
+async def clear_retained(server: Deployment, topics: Sequence[str]) -> None:
+    """Remove the messages the run left retained on a broker it was given.
+
+    An empty retained publish removes a topic's retained message. A broker
+    whose ACL refuses this client's publishes keeps them; that is reported,
+    not fatal, since the run's topics carry a prefix nobody else uses.
+    """
+    broker = server.mqtt
+    assert broker is not None
+    try:
+        client = await open_mqtt_client(
+            broker.host,
+            broker.port,
+            Tally(),
+            username=broker.username,
+            password=broker.password,
+            handshake_timeout=_HANDSHAKE_TIMEOUT,
+        )
+    except (BenchError, OSError, TimeoutError) as exc:
+        print(
+            f"fanout-bench: retained messages under {broker.prefix!r} not "
+            f"cleared: {exc}",
+            file=sys.stderr,
+        )
+        return
+    for topic in topics:
+        client.publish(broker.prefix + topic, b"", retain=True)
+    client.disconnect()
+    await client.closed
 
 
 async def run_all(options: Options) -> Results:

@@ -77,6 +77,27 @@ class Settings(BaseSettings):
         description="MQTT broker to publish every accepted event to, such as "
         "mqtt://user:password@127.0.0.1:1883 (mqtts:// for TLS); no MQTT when unset.",
     )
+    mqtt_broker: Literal["embedded", "none"] = Field(
+        "embedded",
+        description="With no --mqtt-url: embedded starts an MQTT broker beside "
+        "the gateway (TCP on --mqtt-port, WebSocket on --mqtt-ws-port); none "
+        "turns MQTT off.",
+    )
+    mqtt_port: int = Field(
+        1883, ge=1, le=65535, description="TCP port of the embedded MQTT broker."
+    )
+    mqtt_ws_port: int = Field(
+        9001,
+        ge=1,
+        le=65535,
+        description="MQTT over WebSocket port of the embedded broker, for browsers.",
+    )
+    mqtt_data_dir: str | None = Field(
+        None,
+        description="Folder where the embedded broker keeps persistent sessions, "
+        "their subscriptions and retained messages across its restarts; in "
+        "memory only when unset.",
+    )
     mqtt_prefix: str = Field(
         "",
         max_length=64,
@@ -165,6 +186,40 @@ class Settings(BaseSettings):
         8.0,
         gt=0,
         description="Seconds SIGTERM waits for clients to leave before aborting.",
+    )
+
+    # Jobs and polling
+    job_workers: int = Field(
+        4,
+        ge=0,
+        le=1000,
+        description="Jobs this process runs at once: gateway serve runs them in "
+        "process (0: none, for Redis deployments with gateway worker processes), "
+        "gateway worker with this concurrency.",
+    )
+    job_ttl: float = Field(
+        86400.0,
+        ge=1.0,
+        description="Seconds a finished job's record is kept (an unfinished one: "
+        "after its last change, in Redis).",
+    )
+    job_claim_after: float = Field(
+        30.0,
+        ge=0.5,
+        description="Seconds a job's worker may stay silent before another worker "
+        "takes the job over; its lease lasts half of this.",
+    )
+    job_kinds: str = Field(
+        "",
+        description="More job kinds, as comma-separated module:attribute names of "
+        "JobKind classes (besides the gateway.jobs entry points).",
+    )
+    poll_interval: int = Field(
+        1,
+        ge=1,
+        le=3600,
+        description="Seconds a polling client is told to wait between requests "
+        "(Retry-After).",
     )
 
     def loggable(self) -> dict[str, Any]:

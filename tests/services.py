@@ -1,15 +1,18 @@
-"""Outside services a test owns: a private Redis, and a proxy that can go silent."""
+"""Outside services a test owns: Redis, MQTT brokers, a proxy that can go silent."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import redis
-from support import free_port, timeout
+from support import API_KEY, free_port, timeout
 
 
 class RedisServer:
@@ -116,7 +119,35 @@ MOSQUITTO_DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
 MOSQUITTO = "/usr/sbin/mosquitto"
 
 
-class MosquittoServer:
+class BrokerProcess:
+    """What the tests do to a broker process of their own, whichever broker."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def stop(self) -> None:
+        """Stop the broker with SIGTERM; it keeps its sessions for ``start``."""
+        _terminate(self.process)
+        self.process = None
+
+    def freeze(self) -> None:
+        """Stop the broker's process with SIGSTOP: it holds its sockets, silent."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen broker run again."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def log(self) -> str:
+        """What the broker has logged so far."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+
+class MosquittoServer(BrokerProcess):
     """A Mosquitto of the test's own on free loopback ports.
 
     Without ``users`` it lets anyone in. With ``users`` (name to password) it runs
@@ -125,6 +156,8 @@ class MosquittoServer:
     on, in the test's directory, so that sessions and retained messages survive
     ``stop`` and ``start``. The machine's own broker on 1883 is never touched.
     """
+
+    name = "mosquitto"
 
     def __init__(self, workdir: Path, users: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -213,19 +246,74 @@ class MosquittoServer:
             time.sleep(0.02)
         raise RuntimeError(f"mosquitto on {self.port} did not start:\n{self.log()}")
 
-    def stop(self) -> None:
-        """Stop the broker with SIGTERM; it saves its sessions on the way out."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout(10))
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
-    def log(self) -> str:
-        """What the broker has logged so far."""
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")
+class EmbeddedBrokerServer(BrokerProcess):
+    """The gateway's embedded broker run on its own (``gateway broker``).
+
+    It has the same face as ``MosquittoServer`` so that MQTT tests run against
+    both: free loopback ports, ``url``, ``start``, ``stop``, ``log``. Sessions and
+    retained messages persist in the test's directory across ``stop`` and
+    ``start``. The gateway logs in as ``gateway`` with the tests' API key; other
+    users do not exist, so ``url`` takes no user but that one.
+    """
+
+    name = "embedded"
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.ws_port = free_port()
+        self.workdir = workdir / f"embedded-broker-{self.port}"
+        self.workdir.mkdir(parents=True)
+        self.log_path = self.workdir / "broker.log"
+        # The gateway's --mqtt-prefix, under which the public trees are open.
+        self.prefix = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, user: str | None = None) -> str:
+        """The URL with which the gateway publishes (the only account there is)."""
+        assert user in (None, "gateway")
+        return f"mqtt://gateway:{API_KEY}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start the broker and wait until it says it listens."""
+        env = dict(os.environ)
+        env.update(
+            {
+                "GATEWAY_API_KEY": API_KEY,
+                "GATEWAY_MQTT_PORT": str(self.port),
+                "GATEWAY_MQTT_WS_PORT": str(self.ws_port),
+                "GATEWAY_MQTT_DATA_DIR": str(self.workdir / "data"),
+                "GATEWAY_MQTT_PREFIX": self.prefix,
+            }
+        )
+        with open(self.log_path, "ab") as log:
+            # Niced: on a two-core machine the broker's start-up (a second of
+            # CPU) would otherwise be measured as the gateway's delay by the
+            # tests that restart it under load.
+            self.process = subprocess.Popen(
+                ["nice", "-n", "5", sys.executable, "-m", "gateway", "broker"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout(20)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"embedded broker exited early:\n{self.log()}")
+            if "broker ready" in self.log():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"embedded broker did not start:\n{self.log()}")
+
+
+def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    # A frozen process would not act on SIGTERM.
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout(10))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

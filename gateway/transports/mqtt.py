@@ -6,8 +6,15 @@ Other replicas see the event only through the fan-out and never publish it, so M
 subscribers get one message per event however many replicas run.
 
 Ingest never waits for the broker. Accepted events go into a bounded buffer that one
-task drains in order; while the broker is away that task reconnects with backoff and
-the buffer keeps what arrives meanwhile, up to its cap.
+task drains in order; while the broker is away another task reconnects with backoff
+and the buffer keeps what arrives meanwhile, up to its cap.
+
+Events whose rule asks for QoS 1 are published to the broker at QoS 2, over one MQTT
+session that outlives each connection (clean session off). If a connection breaks
+after the broker took an event but before it acknowledged it, the client sends that
+same packet again, flagged DUP, on the next connection, and the broker recognises it
+instead of taking it a second time: subscribers get each event once. Subscribers
+get the QoS they subscribe with, up to 2.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho
 
 from gateway.errors import BadTopic
 from gateway.events.envelope import Event
@@ -170,9 +179,9 @@ class MqttBridge:
     buffered event is dropped to make room, so that a subscriber gets the most
     recent state when the broker returns. Every drop is counted.
 
-    An event whose publish was under way when the connection broke is published
-    again on the next connection: QoS 1 is at least once, and a subscriber may
-    then get that one event twice.
+    An event whose publish was under way when the connection broke stays with
+    the MQTT client, which sends it again (flagged DUP) when it is connected
+    again; the broker's half of the session keeps it from being taken twice.
     """
 
     def __init__(
@@ -216,14 +225,23 @@ class MqttBridge:
         self._flushed = asyncio.Event()
         self._flushed.set()
         # The event being published right now; it counts as buffered until the
-        # broker acknowledged it, and goes back to the front if that fails.
+        # broker acknowledged it, across reconnections if need be.
         self._inflight: tuple[Event, int, bool] | None = None
+        # When the publish of ``_inflight`` started or, after a reconnection,
+        # when the client sent it again; None while nothing waits for an answer.
+        self._waiting_since: float | None = None
         # True between the broker's CONNACK and the loss of that connection.
         self.connected = False
+        # Set while connected; the publishing task waits for it.
+        self._up = asyncio.Event()
+        # One client for the bridge's life: its MQTT session (unacknowledged
+        # packets, their ids) must outlive every connection. Made in ``start``.
+        self._client: aiomqtt.Client | None = None
         # Set while dropping for a full buffer, so that only the first drop of
         # an episode logs a warning.
         self._overflowing = False
         self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         metrics.mqtt_buffered.set_function(self.buffered)
         metrics.mqtt_connected.set_function(lambda: float(self.connected))
 
@@ -232,8 +250,11 @@ class MqttBridge:
         return len(self._buffer) + (self._inflight is not None)
 
     def start(self) -> None:
-        """Start the task that connects and publishes; it does not wait for it."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        """Start the tasks that connect and publish; it does not wait for them."""
+        loop = asyncio.get_running_loop()
+        self._client = self._make_client()
+        self._task = loop.create_task(self._run(self._client))
+        self._publisher = loop.create_task(self._publish_all(self._client))
 
     async def close(self, *, flush_within: float) -> None:
         """Publish what is buffered for up to ``flush_within`` seconds; disconnect.
@@ -246,10 +267,11 @@ class MqttBridge:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(flush_within):
                     await self._flushed.wait()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        tasks = [task for task in (self._publisher, self._task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = self._publisher = None
         left = self.buffered()
         if left:
             self.metrics.mqtt_dropped.inc(left)
@@ -259,6 +281,8 @@ class MqttBridge:
         """Queue events for the broker, in order; never blocks."""
         for event in events:
             qos, retain = qos_for(event.topic, self.qos_rules)
+            # See the module's docstring: QoS 2 to the broker, at most once more.
+            qos = 2 if qos else 0
             if qos == 0 and not self.connected:
                 self.metrics.mqtt_dropped.inc()
                 continue
@@ -279,23 +303,19 @@ class MqttBridge:
                 "MQTT buffer full at %d events; dropping the oldest", self.capacity
             )
 
-    async def _run(self) -> None:
-        """Connect, publish until the connection breaks, wait, and again."""
+    async def _run(self, client: aiomqtt.Client) -> None:
+        """Connect, stay connected until the connection breaks, wait, and again."""
         backoff = _FIRST_BACKOFF
         down_since: float | None = None
         ever_connected = False
         while True:
-            client = self._client()
             try:
                 async with client:
-                    self.connected = True
-                    if ever_connected:
-                        self.metrics.mqtt_reconnects.inc()
+                    self._on_connected(ever_connected, down_since)
                     ever_connected = True
-                    self._log_connected(down_since)
                     down_since = None
                     backoff = _FIRST_BACKOFF
-                    await self._serve(client)
+                    await self._stay_connected(client)
             except aiomqtt.MqttError as exc:
                 if down_since is None:
                     down_since = time.monotonic()
@@ -312,12 +332,20 @@ class MqttBridge:
                 logger.exception("MQTT bridge failed; reconnecting")
             finally:
                 self.connected = False
+                self._up.clear()
             # QoS 0 events gave no promise: do not let them wait for the broker.
             self._drop_unreliable()
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    def _log_connected(self, down_since: float | None) -> None:
+    def _on_connected(self, again: bool, down_since: float | None) -> None:
+        self.connected = True
+        if again:
+            self.metrics.mqtt_reconnects.inc()
+        if self._waiting_since is not None:
+            # The client sends the unacknowledged event again on connecting.
+            self._waiting_since = time.monotonic()
+        self._up.set()
         if down_since is None:
             logger.info("connected to broker %s as %s", self.address, self.client_id)
         else:
@@ -328,7 +356,7 @@ class MqttBridge:
                 self.buffered(),
             )
 
-    def _client(self) -> aiomqtt.Client:
+    def _make_client(self) -> aiomqtt.Client:
         address = self.address
         return aiomqtt.Client(
             address.host,
@@ -336,30 +364,28 @@ class MqttBridge:
             username=address.username,
             password=address.password,
             identifier=self.client_id,
+            clean_session=False,
             tls_context=ssl.create_default_context() if address.tls else None,
             timeout=_BROKER_TIMEOUT,
             keepalive=_KEEPALIVE,
             logger=_client_logger,
         )
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        """Publish until the connection breaks; raise ``MqttError`` then."""
-        publisher = asyncio.create_task(self._publish_all(client))
+    async def _stay_connected(self, client: aiomqtt.Client) -> None:
+        """Return, with ``MqttError``, when the connection is lost or stalls."""
         # The bridge subscribes to nothing, so this iteration only ends, with
-        # MqttError, when the connection is lost; a publish waiting for its
-        # acknowledgement would otherwise only notice at its timeout.
+        # MqttError, when the connection is lost.
         watcher = asyncio.create_task(self._watch(client))
+        # A broker that holds the connection open but stops answering (frozen,
+        # overloaded) is only noticed by the keepalive after 15 s; an
+        # acknowledgement overdue by ``_BROKER_TIMEOUT`` ends it sooner.
+        stall = asyncio.create_task(self._watch_acknowledgements())
         try:
-            await asyncio.wait(
-                {publisher, watcher}, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({watcher, stall}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            publisher.cancel()
             watcher.cancel()
-            results = await asyncio.gather(publisher, watcher, return_exceptions=True)
-        for result in results:
-            if isinstance(result, aiomqtt.MqttError):
-                raise result
+            stall.cancel()
+            results = await asyncio.gather(watcher, stall, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(
                 result, asyncio.CancelledError
@@ -371,6 +397,16 @@ class MqttBridge:
         async for _ in client.messages:
             pass
 
+    async def _watch_acknowledgements(self) -> None:
+        while True:
+            await asyncio.sleep(_BROKER_TIMEOUT / 10)
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > _BROKER_TIMEOUT:
+                self.metrics.mqtt_failures.inc()
+                raise aiomqtt.MqttError(
+                    f"no acknowledgement from the broker in {_BROKER_TIMEOUT:.0f} s"
+                )
+
     async def _publish_all(self, client: aiomqtt.Client) -> None:
         """Publish buffered events one at a time, oldest first, forever."""
         while True:
@@ -380,25 +416,47 @@ class MqttBridge:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
+            await self._up.wait()
+            if not self._buffer:
+                continue
             item = self._inflight = self._buffer.popleft()
-            event, qos, retain = item
+            self._waiting_since = time.monotonic()
             try:
-                await client.publish(
-                    self.prefix + event.topic, event.payload, qos=qos, retain=retain
-                )
-            except BaseException as exc:
-                # The broker may or may not have the event: publish it again on
-                # the next connection (at least once), or count it lost.
+                await self._publish(client, item)
+            finally:
                 self._inflight = None
-                if isinstance(exc, aiomqtt.MqttError):
-                    self.metrics.mqtt_failures.inc()
-                if qos and len(self._buffer) < self.capacity:
-                    self._buffer.appendleft(item)
-                else:
-                    self.metrics.mqtt_dropped.inc()
-                raise
-            self._inflight = None
-            self.metrics.mqtt_published.inc()
+                self._waiting_since = None
+
+    async def _publish(
+        self, client: aiomqtt.Client, item: tuple[Event, int, bool]
+    ) -> None:
+        """Publish one event and wait for the broker to acknowledge it.
+
+        The wait has no time limit: a connection that breaks meanwhile is made
+        again underneath by ``_run``, the client sends the event again, and the
+        broker's acknowledgement then ends the wait.
+        """
+        event, qos, retain = item
+        try:
+            await client.publish(
+                self.prefix + event.topic,
+                event.payload,
+                qos=qos,
+                retain=retain,
+                timeout=math.inf,
+            )
+        except aiomqtt.MqttCodeError as exc:
+            self.metrics.mqtt_failures.inc()
+            if qos and exc.rc == paho.MQTT_ERR_NO_CONN:
+                # The connection broke just before: the client keeps the event
+                # and sends it on connecting, with no one left to wait for it.
+                self.metrics.mqtt_published.inc()
+            elif qos and len(self._buffer) < self.capacity:
+                self._buffer.appendleft(item)
+            else:
+                self.metrics.mqtt_dropped.inc()
+            return
+        self.metrics.mqtt_published.inc()
 
     def _drop_unreliable(self) -> None:
         """Drop the buffered QoS 0 events, counting them."""
