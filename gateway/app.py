@@ -12,6 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.ingress.http import error_response, routes
+from gateway.ingress.jobs import routes as job_routes
+from gateway.ingress.polling import routes as polling_routes
+from gateway.jobs.service import JobService
 from gateway.runtime import Runtime
 
 __all__ = ["create_app"]
@@ -38,15 +41,23 @@ def create_app(runtime: Runtime) -> Starlette:
     """
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Runtime]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, object]]:
         await runtime.start()
         try:
-            yield {"gateway": runtime}
+            # The jobs API and this replica's job workers (see gateway/jobs).
+            jobs = JobService.from_settings(
+                runtime.settings, publish=runtime.publish, metrics=runtime.metrics
+            )
+            await jobs.start()
+            try:
+                yield {"gateway": runtime, "jobs": jobs}
+            finally:
+                await jobs.close()
         finally:
             await runtime.close()
 
     return Starlette(
-        routes=routes,
+        routes=[*routes, *job_routes, *polling_routes],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )
