@@ -1,0 +1,472 @@
+"""Signed webhooks from third-party feeds: ``POST /webhooks/fixtures``.
+
+A sender signs each delivery with the shared secret (``webhook_secret``)::
+
+    X-Webhook-Timestamp: <Unix seconds>
+    X-Webhook-Signature: sha256=<hex of HMAC-SHA256(secret, f"{timestamp}." + body)>
+
+The signature covers the exact bytes of the body, so the gateway checks it before
+decoding anything, and the timestamp, so a captured delivery cannot be replayed once
+it is older than ``webhook_tolerance``. Each payload carries an event id; a repeated
+delivery of an id already accepted is acknowledged without being published again.
+The scheme and the payload are described in ``docs/webhooks.md``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.config import Settings
+from gateway.errors import BadRequest, ClientError, Unauthorized, Unavailable
+from gateway.events.envelope import Draft
+from gateway.ingress.http import _read_body, error_response
+from gateway.runtime import Runtime
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "DedupeStore",
+    "FixtureEvent",
+    "MemoryDedupeStore",
+    "RedisDedupeStore",
+    "WebhookReceiver",
+    "parse_fixture_event",
+    "routes",
+    "signature",
+]
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Webhook-Signature"
+TIMESTAMP_HEADER = "X-Webhook-Timestamp"
+#: The event source of everything published from the fixtures webhook.
+FIXTURES_SOURCE = "fixtures-webhook"
+
+#: Largest webhook body, in bytes; a key event is a few hundred.
+_MAX_BODY = 64 * 1024
+#: Ids remembered at most by the in-memory store; the oldest go first past this.
+_MAX_REMEMBERED = 100_000
+
+_EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_EVENT_TYPE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
+_TEAM = re.compile(r"[A-Z][A-Z0-9]{1,7}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_FIELDS = frozenset({"id", "type", "fixture", "minute", "details"})
+_FIXTURE_FIELDS = frozenset({"date", "home", "away", "competition", "stage"})
+_MAX_MINUTE = 200
+_MAX_LABEL = 128
+
+
+def signature(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 of ``timestamp``, a dot and ``body`` under ``secret``."""
+    message = timestamp.encode() + b"." + body
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+# Remembering event ids.
+
+
+class DedupeStore(abc.ABC):
+    """Remembers the event ids already accepted, each for a fixed time.
+
+    ``claim`` is atomic: of two deliveries of one id racing each other, on one
+    replica or on several, exactly one claims it.
+    """
+
+    @abc.abstractmethod
+    async def claim(self, key: str) -> bool:
+        """Remember ``key``; tell whether it was new.
+
+        Raises:
+            Unavailable: the store cannot be reached; nothing was remembered.
+        """
+
+    @abc.abstractmethod
+    async def release(self, key: str) -> None:
+        """Forget ``key``, so that a retry of a delivery that failed is taken."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+
+
+class MemoryDedupeStore(DedupeStore):
+    """Event ids in this process, for the in-memory backend's one replica.
+
+    Args:
+        ttl: seconds an id is remembered.
+        max_entries: ids kept at most; past this the oldest is forgotten early.
+        clock: the monotonic clock, in seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        max_entries: int = _MAX_REMEMBERED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        # Id to the time it is forgotten. Every id lives as long, so insertion
+        # order is also expiry order and purging looks at the front only.
+        self._expiries: OrderedDict[str, float] = OrderedDict()
+
+    async def claim(self, key: str) -> bool:
+        now = self._clock()
+        while self._expiries:
+            oldest, expiry = next(iter(self._expiries.items()))
+            if expiry > now:
+                break
+            del self._expiries[oldest]
+        if key in self._expiries:
+            return False
+        self._expiries[key] = now + self._ttl
+        if len(self._expiries) > self._max_entries:
+            self._expiries.popitem(last=False)
+        return True
+
+    async def release(self, key: str) -> None:
+        self._expiries.pop(key, None)
+
+    async def close(self) -> None:
+        self._expiries.clear()
+
+
+class RedisDedupeStore(DedupeStore):
+    """Event ids in Redis (``SET NX PX``), shared by every replica.
+
+    Args:
+        url: the Redis URL.
+        prefix: put before every key.
+        ttl: seconds an id is remembered.
+    """
+
+    def __init__(self, url: str, *, prefix: str, ttl: float) -> None:
+        self._redis = aioredis.Redis.from_url(url)
+        self._prefix = f"{prefix}webhooks:"
+        self._ttl_ms = max(1, round(ttl * 1000))
+
+    async def claim(self, key: str) -> bool:
+        try:
+            created = await self._redis.set(
+                self._prefix + key, b"1", nx=True, px=self._ttl_ms
+            )
+        except RedisError as exc:
+            raise Unavailable("redis unavailable; webhook not accepted") from exc
+        return bool(created)
+
+    async def release(self, key: str) -> None:
+        try:
+            await self._redis.delete(self._prefix + key)
+        except RedisError:
+            # The id stays claimed until its TTL ends; the sender's retries are
+            # then acknowledged as repeats, and the operator sees the outage in
+            # the backend's own warnings.
+            logger.warning("could not forget webhook id %s", key, exc_info=True)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+# Verifying and decoding deliveries.
+
+
+@dataclass(frozen=True, slots=True)
+class FixtureEvent:
+    """One decoded key event of a fixture."""
+
+    id: str
+    type: str
+    date: str
+    home: str
+    away: str
+    minute: int
+    fixture: dict[str, str]
+    details: dict[str, Any]
+
+    @property
+    def topic(self) -> str:
+        """The fixture's topic, such as ``fixtures/2022-12-18/ARG-FRA``."""
+        return f"fixtures/{self.date}/{self.home}-{self.away}"
+
+    def drafts(self) -> list[Draft]:
+        """The event on the fixture's topic and on both teams' topics."""
+        details = {
+            "eventId": self.id,
+            "fixture": self.fixture,
+            "minute": self.minute,
+            "details": self.details,
+        }
+        topics = [self.topic, f"teams/{self.home}", f"teams/{self.away}"]
+        return [Draft(topic, FIXTURES_SOURCE, self.type, details) for topic in topics]
+
+
+class WebhookReceiver:
+    """Checks signed deliveries and remembers which event ids were accepted.
+
+    Args:
+        secret: the shared secret; None turns the webhook off.
+        tolerance: seconds a timestamp may differ from ``clock``.
+        store: where accepted event ids are remembered.
+        clock: wall clock, in seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        secret: bytes | None,
+        *,
+        tolerance: float,
+        store: DedupeStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.secret = secret
+        self.tolerance = tolerance
+        self.store = store
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookReceiver:
+        """The receiver, with a dedupe store next to the state backend."""
+        store: DedupeStore
+        if settings.redis_url is None:
+            store = MemoryDedupeStore(ttl=settings.webhook_dedupe_ttl)
+        else:
+            store = RedisDedupeStore(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                ttl=settings.webhook_dedupe_ttl,
+            )
+        secret = settings.webhook_secret
+        return cls(
+            secret.get_secret_value().encode() if secret is not None else None,
+            tolerance=settings.webhook_tolerance,
+            store=store,
+        )
+
+    async def close(self) -> None:
+        """Release the dedupe store."""
+        await self.store.close()
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Check the delivery's timestamp and signature over the exact ``body``.
+
+        Raises:
+            Unauthorized: a header is missing or garbled, the timestamp is too
+                far from now, or no signature matches.
+        """
+        assert self.secret is not None
+        timestamp = headers.get(TIMESTAMP_HEADER)
+        if timestamp is None:
+            raise Unauthorized(f"missing {TIMESTAMP_HEADER} header")
+        if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+            raise Unauthorized(f"{TIMESTAMP_HEADER}: expected Unix seconds")
+        age = self._clock() - int(timestamp)
+        if abs(age) > self.tolerance:
+            raise Unauthorized(
+                f"{TIMESTAMP_HEADER} is {age:.0f} s from the gateway's clock, "
+                f"over the tolerance of {self.tolerance:.0f} s"
+            )
+        given = _signatures(headers.get(SIGNATURE_HEADER))
+        expected = signature(self.secret, timestamp, body).encode()
+        # Every candidate is compared, in constant time each, so that timings
+        # tell nothing about how much of a forged signature was right.
+        matched = False
+        for candidate in given:
+            matched |= hmac.compare_digest(candidate.encode(), expected)
+        if not matched:
+            raise Unauthorized("signature does not match the body")
+
+
+def _signatures(header: str | None) -> list[str]:
+    """The hex digests of a signature header; several allow rotating secrets."""
+    if header is None:
+        raise Unauthorized(f"missing {SIGNATURE_HEADER} header")
+    digests = []
+    for part in header.split(","):
+        scheme, _, digest = part.strip().partition("=")
+        if scheme != "sha256" or not _HEX_DIGEST.fullmatch(digest):
+            raise Unauthorized(f"{SIGNATURE_HEADER}: expected sha256=<64 hex digits>")
+        digests.append(digest)
+    return digests
+
+
+def parse_fixture_event(body: bytes) -> FixtureEvent:
+    """Decode a fixtures webhook payload; see ``docs/webhooks.md``.
+
+    Raises:
+        BadRequest: the body is not JSON, or a field is missing, unknown or
+            malformed; the message names the field.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="bad_json") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = payload.keys() - _FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+    event_id = _required(payload, "id", str)
+    if not _EVENT_ID.fullmatch(event_id):
+        raise BadRequest("id: expected 1 to 128 of A-Z a-z 0-9 _ . : -")
+    event_type = _required(payload, "type", str)
+    if len(event_type) > 64 or not _EVENT_TYPE.fullmatch(event_type):
+        raise BadRequest("type: expected UPPER_SNAKE_CASE such as GOAL_SCORED")
+    minute = _required(payload, "minute", int)
+    if isinstance(minute, bool) or not 0 <= minute <= _MAX_MINUTE:
+        raise BadRequest(f"minute: expected a whole number from 0 to {_MAX_MINUTE}")
+    details = payload.get("details", {})
+    if not isinstance(details, dict):
+        raise BadRequest("details: expected an object")
+    fixture = _fixture(_required(payload, "fixture", dict))
+    return FixtureEvent(
+        event_id,
+        event_type,
+        fixture["date"],
+        fixture["home"],
+        fixture["away"],
+        minute,
+        fixture,
+        details,
+    )
+
+
+def _required(payload: dict[str, Any], field: str, kind: type) -> Any:
+    if field not in payload:
+        raise BadRequest(f"missing field {field!r}")
+    value = payload[field]
+    if not isinstance(value, kind):
+        raise BadRequest(f"{field}: expected {_KIND_NAMES[kind]}")
+    return value
+
+
+_KIND_NAMES = {str: "a string", int: "a whole number", dict: "an object"}
+
+
+def _fixture(fixture: dict[str, Any]) -> dict[str, str]:
+    unknown = fixture.keys() - _FIXTURE_FIELDS
+    if unknown:
+        raise BadRequest(f"unknown field 'fixture.{sorted(unknown)[0]}'")
+    if "date" not in fixture:
+        raise BadRequest("missing field 'fixture.date'")
+    day = fixture["date"]
+    if not isinstance(day, str) or not _is_date(day):
+        raise BadRequest("fixture.date: expected a date such as 2022-12-18")
+    checked = {"date": day}
+    for side in ("home", "away"):
+        code = fixture.get(side)
+        if code is None:
+            raise BadRequest(f"missing field 'fixture.{side}'")
+        if not isinstance(code, str) or not _TEAM.fullmatch(code):
+            raise BadRequest(f"fixture.{side}: expected a team code such as ARG")
+        checked[side] = code
+    if checked["home"] == checked["away"]:
+        raise BadRequest("fixture.away: a team cannot play itself")
+    for label in ("competition", "stage"):
+        if label in fixture:
+            value = fixture[label]
+            if not isinstance(value, str) or not 0 < len(value) <= _MAX_LABEL:
+                raise BadRequest(
+                    f"fixture.{label}: expected a string of 1 to {_MAX_LABEL} "
+                    "characters"
+                )
+            checked[label] = value
+    return checked
+
+
+def _is_date(text: str) -> bool:
+    if not _DATE.fullmatch(text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+# The route.
+
+
+async def fixtures_webhook(request: Request) -> Response:
+    """POST /webhooks/fixtures: publish one signed key event of a fixture."""
+    runtime: Runtime = request.state.gateway
+    receiver: WebhookReceiver = request.state.webhooks
+    if receiver.secret is None:
+        return error_response(
+            503,
+            "webhooks_off",
+            "webhooks are off: the gateway has no --webhook-secret "
+            "(GATEWAY_WEBHOOK_SECRET)",
+        )
+    try:
+        body = await _read_body(request, _MAX_BODY)
+        # Nothing of the body is decoded before its signature is checked.
+        receiver.verify(request.headers, body)
+        fixture_event = parse_fixture_event(body)
+        return await _accept(runtime, receiver, fixture_event)
+    except ClientDisconnect:
+        logger.debug("webhook sender disconnected before its body was complete")
+        return Response(status_code=400)
+    except ClientError as exc:
+        logger.debug("webhook refused: %s: %s", exc.code, exc)
+        runtime.metrics.client_errors.labels(exc.code).inc()
+        return error_response(exc.status, exc.code, str(exc))
+    except Unavailable as exc:
+        logger.debug("webhook refused: %s", exc)
+        return error_response(
+            503, "unavailable", str(exc), headers={"Retry-After": "1"}
+        )
+
+
+async def _accept(
+    runtime: Runtime, receiver: WebhookReceiver, fixture_event: FixtureEvent
+) -> Response:
+    key = f"fixtures:{fixture_event.id}"
+    if not await receiver.store.claim(key):
+        logger.debug("webhook %s repeated; not published again", fixture_event.id)
+        return JSONResponse({"eventId": fixture_event.id, "duplicate": True})
+    try:
+        events = await runtime.publish(fixture_event.drafts())
+    except Exception:
+        # Not published: the sender's retry must be taken, not called a repeat.
+        await receiver.store.release(key)
+        raise
+    logger.debug(
+        "webhook %s published as %s on %s",
+        fixture_event.id,
+        fixture_event.type,
+        fixture_event.topic,
+    )
+    return JSONResponse(
+        {
+            "eventId": fixture_event.id,
+            "duplicate": False,
+            "events": [
+                {"id": event.id, "topic": event.topic, "offset": event.offset}
+                for event in events
+            ],
+        }
+    )
+
+
+routes = [Route("/webhooks/fixtures", fixtures_webhook, methods=["POST"])]
