@@ -526,6 +526,7 @@ def start_deployment(
     max_buffer_bytes: int,
     redis_url: str,
     broker: BrokerOptions | None = None,
+    extra_settings: dict[str, str] | None = None,
 ) -> Deployment:
     """Start one configuration's processes on free loopback ports; none is ready yet.
 
@@ -544,6 +545,8 @@ def start_deployment(
             takes a fresh key prefix in it.
         broker: how the MQTT configurations get their broker; defaults apply
             when None.
+        extra_settings: more ``GATEWAY_`` variables for every gateway process
+            (such as ``GATEWAY_POLL_INTERVAL``); the configuration's own win.
 
     Raises:
         ValueError: ``kind`` is not one of ``SERVER_KINDS``.
@@ -554,7 +557,7 @@ def start_deployment(
         raise ValueError(f"unknown server {kind!r}; choose from {SERVER_KINDS}")
     broker = broker or BrokerOptions()
     api_key = secrets.token_urlsafe(16)
-    settings = {
+    settings = dict(extra_settings or {}) | {
         "GATEWAY_API_KEY": api_key,
         "GATEWAY_MAX_BUFFER_BYTES": str(max_buffer_bytes),
         "GATEWAY_LOG_LEVEL": "warning",
