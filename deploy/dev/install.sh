@@ -3,7 +3,9 @@
 #
 #   bash deploy/dev/install.sh          the gateway in .venv (enough for `gateway demo`)
 #   bash deploy/dev/install.sh --test   also the test tools, Redis and Mosquitto,
-#                                       started on 127.0.0.1 if not already listening
+#                                       started on 127.0.0.1 if not already listening,
+#                                       and HAProxy for the local topology,
+#                                       and Chromium for the browser page's test
 #
 # It runs apt-get only for what is missing, with sudo when not root.
 set -euo pipefail
@@ -44,7 +46,16 @@ else
   .venv/bin/python -m pip install -q -e .
 fi
 
+# The browser page's MQTT client: the npm package `mqtt`, pinned by
+# gateway/web/package-lock.json, whose browser bundle the gateway serves.
+command -v npm >/dev/null || apt_install nodejs npm
+(cd gateway/web && npm ci --omit=dev --no-audit --no-fund --loglevel=error)
+
 [ "$with_tests" = 1 ] || exit 0
+
+# The browser page's end-to-end test drives Debian's Chromium through Playwright
+# (installed above with the test extras; it downloads no browser of its own).
+command -v chromium >/dev/null || apt_install chromium
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -53,6 +64,9 @@ if ! listening 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 fi
 command -v mosquitto >/dev/null || apt_install mosquitto
+# The load balancer of the local topology (deploy/local/topology.sh), which
+# starts its own instance; the package's service is not needed.
+command -v haproxy >/dev/null || apt_install haproxy
 if ! listening 1883; then
   mosquitto -d -p 1883
 fi
