@@ -13,7 +13,10 @@ from starlette.responses import Response
 
 from gateway.ingress.http import error_response, routes
 from gateway.ingress.jobs import routes as job_routes
+from gateway.ingress.page import routes as page_routes
 from gateway.ingress.polling import routes as polling_routes
+from gateway.ingress.webhooks import WebhookReceiver
+from gateway.ingress.webhooks import routes as webhook_routes
 from gateway.jobs.service import JobService
 from gateway.runtime import Runtime
 
@@ -49,15 +52,17 @@ def create_app(runtime: Runtime) -> Starlette:
                 runtime.settings, publish=runtime.publish, metrics=runtime.metrics
             )
             await jobs.start()
+            webhooks = WebhookReceiver.from_settings(runtime.settings)
             try:
-                yield {"gateway": runtime, "jobs": jobs}
+                yield {"gateway": runtime, "jobs": jobs, "webhooks": webhooks}
             finally:
+                await webhooks.close()
                 await jobs.close()
         finally:
             await runtime.close()
 
     return Starlette(
-        routes=[*routes, *job_routes, *polling_routes],
+        routes=[*routes, *job_routes, *polling_routes, *webhook_routes, *page_routes],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import secrets
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -106,6 +109,7 @@ def _banner(settings: Settings, title: str, broker: EmbeddedBroker | None) -> st
     return "\n".join(
         [
             title,
+            f"  page       http://{base}/  (the three strategies side by side)",
             f"  WebSocket  ws://{base}/ws",
             f"  MQTT       {mqtt}",
             f"  publish    POST http://{base}/events  (Authorization: Bearer {key})",
@@ -120,7 +124,13 @@ def _banner(settings: Settings, title: str, broker: EmbeddedBroker | None) -> st
     )
 
 
-def _run(settings: Settings, title: str) -> None:
+def _run(
+    settings: Settings,
+    title: str,
+    beside: Callable[[Settings], contextlib.AbstractContextManager[object]]
+    | None = None,
+) -> None:
+    """Serve until stopped; ``beside``, given the final settings, wraps serving."""
     from gateway.broker import BrokerError, EmbeddedBroker
     from gateway.server import bind, build_server
 
@@ -146,14 +156,20 @@ def _run(settings: Settings, title: str) -> None:
         except BrokerError as exc:
             sock.close()
             raise click.ClickException(str(exc)) from exc
-        settings = settings.model_copy(update={"mqtt_url": broker.url()})
+        # The browser page reaches the embedded broker on the host it was
+        # loaded from, unless --mqtt-public-ws-url says otherwise.
+        page_ws = settings.mqtt_public_ws_url or f"ws://{{host}}:{broker.ws_port}/mqtt"
+        settings = settings.model_copy(
+            update={"mqtt_url": broker.url(), "mqtt_public_ws_url": page_ws}
+        )
     try:
         server = build_server(settings)
         backend = "in-memory state"
         if settings.redis_url:
             backend = f"Redis at {without_credentials(settings.redis_url)}"
         click.echo(_banner(settings, f"{title} ({backend})", broker))
-        server.run(sockets=[sock])
+        with beside(settings) if beside else contextlib.nullcontext():
+            server.run(sockets=[sock])
     finally:
         # After the server: its shutdown publishes what the bridge still holds.
         if broker is not None:
@@ -178,7 +194,15 @@ def serve(**given: Any) -> None:
 @settings_options()
 def demo(**given: Any) -> None:
     """Run everything built so far on embedded defaults, with no outside service."""
-    _run(_settings(given), "notification gateway demo")
+    # The browser page may start demo jobs without the key, here only.
+    if given.get("demo_page_jobs") is None:
+        given["demo_page_jobs"] = os.environ.get("GATEWAY_DEMO_PAGE_JOBS", "true")
+    settings = _settings(given)
+    if settings.webhook_secret is None:
+        # The demo's fixtures feed signs with it; nobody else needs to know it.
+        secret = SecretStr(secrets.token_urlsafe(24))
+        settings = settings.model_copy(update={"webhook_secret": secret})
+    _run(settings, "notification gateway demo", beside=_demo_producers)
 
 
 @main.command()
@@ -278,5 +302,325 @@ def worker(**given: Any) -> None:
 def poll_bench(ctx: click.Context) -> None:
     """Polling benchmark: many clients polling one topic while events flow."""
     from clients.poll_bench import main as bench_main  # type: ignore[import-not-found,unused-ignore]
+
+    sys.exit(bench_main(ctx.args))
+
+
+@main.command()
+@click.argument("topics", nargs=-1, required=True)
+@click.option(
+    "--via",
+    type=click.Choice(["poll", "ws", "mqtt"]),
+    default="ws",
+    show_default=True,
+    help="Strategy: HTTP polling, WebSocket push or MQTT push.",
+)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The gateway, for poll and ws.",
+)
+@click.option(
+    "--mqtt-url",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    help="The MQTT broker the gateway publishes to, for mqtt.",
+)
+@click.option(
+    "--poll-interval",
+    type=float,
+    default=None,
+    help="Least seconds between polls (default: the gateway's Retry-After).",
+)
+@click.option("--count", type=int, default=None, help="Stop after this many events.")
+def listen(
+    topics: tuple[str, ...],
+    via: str,
+    url: str,
+    mqtt_url: str,
+    poll_interval: float | None,
+    count: int | None,
+) -> None:
+    """Print each event of TOPICS with its delay since it was published."""
+    from clients.listen import listen as run_listen  # type: ignore[import-not-found,unused-ignore]
+
+    try:
+        status = run_listen(
+            via,
+            topics,
+            url=url,
+            mqtt_url=mqtt_url,
+            poll_interval=poll_interval,
+            count=count,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(status)
+
+
+# Producers: separate processes that feed a gateway through its public ingress.
+
+_GATEWAY_URL = "http://127.0.0.1:8000"
+
+
+def _producer_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every producer takes, read from ``GATEWAY_`` variables too."""
+    options = [
+        click.option(
+            "--url",
+            envvar=f"{ENV_PREFIX}URL",
+            default=_GATEWAY_URL,
+            show_default=True,
+            help=f"The gateway's base URL [env {ENV_PREFIX}URL].",
+        ),
+        click.option(
+            "--duration",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Seconds to run at most [default: until the data ends].",
+        ),
+        click.option(
+            "--loop", is_flag=True, help="Start again at the end of the data."
+        ),
+        click.option(
+            "--wait",
+            type=click.FloatRange(min=0),
+            default=30.0,
+            show_default=True,
+            help="Seconds to wait for the gateway to be ready at start.",
+        ),
+        click.option(
+            "--log-level",
+            envvar=f"{ENV_PREFIX}LOG_LEVEL",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info",
+            show_default=True,
+            help=f"Lowest level logged [env {ENV_PREFIX}LOG_LEVEL].",
+        ),
+        click.option("--until-stdin-closes", is_flag=True, hidden=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _producer_logging(level: str) -> None:
+    configure_logging(level, "plain")
+    # A line per request is the producers' own DEBUG lines' job.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _finish(failed: int) -> None:
+    if failed:
+        raise click.ClickException(f"{failed} deliveries failed for good")
+
+
+@main.group()
+def produce() -> None:
+    """Run an event producer that feeds a gateway through its public ingress."""
+
+
+@produce.command()
+@_producer_options
+@click.option(
+    "--api-key",
+    envvar=f"{ENV_PREFIX}API_KEY",
+    required=True,
+    help=f"The gateway's publish API key [env {ENV_PREFIX}API_KEY].",
+)
+@click.option(
+    "--symbols",
+    default=None,
+    help="Comma-separated symbols to send, such as AAPL,MSFT [default: all].",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV with symbol, time and price columns [default: the stock prices of "
+    "the vega_datasets package].",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Events per second, steady [default: 10 unless --speed is given].",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Pace by market time instead: market seconds per second.",
+)
+def stocks(
+    url: str,
+    api_key: str,
+    symbols: str | None,
+    path: Path | None,
+    rate: float | None,
+    speed: float | None,
+    duration: float | None,
+    loop: bool,
+    wait: float,
+    log_level: str,
+    until_stdin_closes: bool,
+) -> None:
+    """Replay real historical stock prices as PRICE_CHANGED events."""
+    import asyncio
+
+    from producers import stocks as feed
+    from producers._delivery import DeliveryError
+
+    if rate is not None and speed is not None:
+        raise click.UsageError("give --rate or --speed, not both")
+    _producer_logging(log_level)
+    try:
+        totals = asyncio.run(
+            feed.run(
+                url.rstrip("/"),
+                api_key,
+                rate=rate if speed is not None or rate is not None else 10.0,
+                speed=speed,
+                duration=duration,
+                loop=loop,
+                symbols=symbols.split(",") if symbols else None,
+                path=path,
+                wait=wait,
+                until_stdin_closes=until_stdin_closes,
+            )
+        )
+    except (DeliveryError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _finish(totals.failed)
+
+
+@produce.command()
+@_producer_options
+@click.option(
+    "--webhook-secret",
+    envvar=f"{ENV_PREFIX}WEBHOOK_SECRET",
+    required=True,
+    help=f"The secret that signs deliveries [env {ENV_PREFIX}WEBHOOK_SECRET].",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Match file (JSON) [default: the 2022 World Cup final].",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Match minutes replayed per second.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="Retries of a failing delivery before it fails for good.",
+)
+def fixtures(
+    url: str,
+    webhook_secret: str,
+    path: Path | None,
+    speed: float,
+    retries: int,
+    duration: float | None,
+    loop: bool,
+    wait: float,
+    log_level: str,
+    until_stdin_closes: bool,
+) -> None:
+    """Replay a real match's key events as signed webhooks."""
+    import asyncio
+
+    from producers import fixtures as feed
+    from producers._delivery import DeliveryError
+
+    _producer_logging(log_level)
+    try:
+        totals = asyncio.run(
+            feed.run(
+                url.rstrip("/"),
+                webhook_secret,
+                speed=speed,
+                duration=duration,
+                loop=loop,
+                path=path,
+                retries=retries,
+                wait=wait,
+                until_stdin_closes=until_stdin_closes,
+            )
+        )
+    except (DeliveryError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _finish(totals.failed)
+
+
+#: Pace of the demo's feeds: a few prices a second, and a match minute every
+#: sixth of a second, so that key events come every second or two.
+_DEMO_STOCKS_RATE = 4.0
+_DEMO_MATCH_SPEED = 6.0
+
+
+@contextlib.contextmanager
+def _demo_producers(settings: Settings) -> Iterator[None]:
+    """Run both producers as child processes while the demo gateway serves.
+
+    They wait for the gateway to be ready, and stop when their standard input
+    closes: when this block ends, or when the demo dies.
+    """
+    import subprocess
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}"
+    env = dict(os.environ)
+    assert settings.api_key is not None and settings.webhook_secret is not None
+    env[f"{ENV_PREFIX}API_KEY"] = settings.api_key.get_secret_value()
+    env[f"{ENV_PREFIX}WEBHOOK_SECRET"] = settings.webhook_secret.get_secret_value()
+    env[f"{ENV_PREFIX}LOG_LEVEL"] = settings.log_level
+    base = [sys.executable, "-m", "gateway", "produce"]
+    common = ["--url", url, "--loop", "--until-stdin-closes"]
+    commands = [
+        [*base, "stocks", *common, "--rate", str(_DEMO_STOCKS_RATE)],
+        [*base, "fixtures", *common, "--speed", str(_DEMO_MATCH_SPEED)],
+    ]
+    children = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, env=env)
+        for command in commands
+    ]
+    click.echo(
+        "  producers  stocks on stocks/#, the 2022 World Cup final on "
+        "fixtures/# and teams/#\n"
+    )
+    try:
+        yield
+    finally:
+        for child in children:
+            if child.stdin is not None:
+                child.stdin.close()
+        for child in children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+@main.command(
+    "bench",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Polling, WebSocket and MQTT side by side: latency, bytes, load, cost."""
+    from clients.bench import main as bench_main  # type: ignore[import-not-found,unused-ignore]
 
     sys.exit(bench_main(ctx.args))

@@ -122,6 +122,44 @@ class Settings(BaseSettings):
         description="QoS and retain flag per topic filter, first match wins: "
         "filter=QOS, with r after the QoS for retained; others get QoS 0.",
     )
+    jwt_secret: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Shared secret of HS256 subscriber tokens (at least 32 "
+        "characters); no HS256 tokens when unset.",
+    )
+    jwt_public_keys: str | None = Field(
+        None,
+        description="PEM file of the public keys (RSA or EC) that check RS256 and "
+        "ES256 subscriber tokens; several keys allow rotation.",
+    )
+    anonymous_read: str = Field(
+        "#",
+        description="Topic filters a WebSocket client without a token may read, "
+        "comma-separated; empty refuses clients without a token. Job topics need "
+        "their full id or a right in the jobs tree.",
+    )
+    allowed_origins: str = Field(
+        "",
+        description="Origins (scheme://host[:port], comma-separated) whose pages "
+        "may open WebSocket connections; empty or * allows any. Requests without "
+        "an Origin header (not from a browser) are not checked.",
+    )
+    max_connections: int = Field(
+        10_000, ge=1, description="Most open WebSocket connections on this replica."
+    )
+    max_connections_per_address: int = Field(
+        0,
+        ge=0,
+        description="Most open WebSocket connections from one client address; 0: "
+        "no limit (behind a load balancer every client has its address).",
+    )
+    max_connects_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="New WebSocket connections per second from one client address, "
+        "with bursts of twice that; 0: no limit.",
+    )
     max_frame_bytes: int = Field(
         65536,
         ge=1024,
@@ -222,9 +260,42 @@ class Settings(BaseSettings):
         "(Retry-After).",
     )
 
+    # Webhooks
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret that signs POST /webhooks/fixtures deliveries "
+        "(HMAC-SHA256); the route answers 503 when unset; gateway demo makes one.",
+    )
+    webhook_tolerance: float = Field(
+        300.0,
+        ge=1.0,
+        description="Seconds a webhook's signed timestamp may differ from the "
+        "gateway's clock before the delivery is refused with 401.",
+    )
+    webhook_dedupe_ttl: float = Field(
+        86400.0,
+        ge=1.0,
+        description="Seconds a webhook event id is remembered, so that a repeated "
+        "delivery of it is acknowledged without being published again.",
+    )
+
+    # Browser page
+    demo_page_jobs: bool = Field(
+        False,
+        description="Let the browser page start demo db-refresh jobs without the "
+        "API key (POST /demo/jobs); on by default in gateway demo only.",
+    )
+    mqtt_public_ws_url: str | None = Field(
+        None,
+        description="MQTT over WebSocket address the browser page connects to, "
+        "such as wss://mqtt.example.com/mqtt; {host} stands for the host the page "
+        "was loaded from. With the embedded broker it defaults to "
+        "ws://{host}:<--mqtt-ws-port>/mqtt; otherwise the page's MQTT column is off.",
+    )
+
     def loggable(self) -> dict[str, Any]:
         """The settings without secrets: no API key, no password in a URL."""
-        values = self.model_dump(exclude={"api_key"})
+        values = self.model_dump(exclude={"api_key", "webhook_secret", "jwt_secret"})
         for field in ("redis_url", "mqtt_url"):
             if values[field]:
                 values[field] = without_credentials(values[field])
@@ -235,6 +306,20 @@ class Settings(BaseSettings):
     def _api_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().strip()) < 8:
             raise ValueError("an API key needs at least 8 characters")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("a webhook secret needs at least 16 characters")
+        return value
+
+    @field_validator("mqtt_public_ws_url")
+    @classmethod
+    def _mqtt_public_ws_url_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("ws://", "wss://")):
+            raise ValueError("expected a URL starting with ws:// or wss://")
         return value
 
     @field_validator("redis_url")

@@ -6,6 +6,7 @@
     │   ├── BadTopic           a topic name or filter breaks the grammar
     │   ├── TooLarge           a body, event or frame over its limit
     │   ├── Unauthorized       missing or wrong credentials
+    │   ├── Forbidden          credentials that do not allow this
     │   └── LimitExceeded      too many subscriptions, messages too fast
     ├── Unavailable            a dependency (Redis, the broker) cannot be reached
     └── InternalError          the gateway itself failed
@@ -20,6 +21,7 @@ __all__ = [
     "BadRequest",
     "BadTopic",
     "ClientError",
+    "Forbidden",
     "GatewayError",
     "InternalError",
     "LimitExceeded",
@@ -66,6 +68,13 @@ class Unauthorized(ClientError):
 
     code = "unauthorized"
     status = 401
+
+
+class Forbidden(ClientError):
+    """Valid credentials, or none, that do not allow what was asked."""
+
+    code = "forbidden"
+    status = 403
 
 
 class LimitExceeded(ClientError):

@@ -58,6 +58,12 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.refused_connections = Counter(
+            "gateway_refused_connections",
+            "WebSocket upgrades refused, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.mqtt_published = Counter(
             "gateway_mqtt_published",
             "Events this replica published to the MQTT broker (acknowledged for "

@@ -14,6 +14,8 @@ from gateway.errors import Unavailable
 from gateway.events.envelope import Draft, Event
 from gateway.fanout.router import Router
 from gateway.metrics import Metrics
+from gateway.security.access import SubscriberAccess
+from gateway.security.limits import ConnectionLimits
 from gateway.state.base import StateBackend
 from gateway.transports.mqtt import MqttBridge, parse_qos_rules
 
@@ -53,6 +55,10 @@ class Runtime:
         # Derived from the routing table when scraped, so it cannot drift.
         self.metrics.subscriptions.set_function(lambda: self.router.subscription_count)
         backend.set_listener(self.on_event)
+        # Tokens and read rights of WebSocket subscribers.
+        self.access = SubscriberAccess.from_settings(settings)
+        # Origins, connection counts and connect rates of WebSocket clients.
+        self.limits = ConnectionLimits.from_settings(settings)
         # Publishes the events this replica accepts to the broker; None when no
         # broker URL is set.
         self.mqtt = _make_bridge(settings, self.metrics)

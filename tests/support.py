@@ -24,6 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 #: Multiplies every timeout in the tests; raise it on a slow machine.
 TIMEOUT_FACTOR = float(os.environ.get("GATEWAY_TEST_TIMEOUT_FACTOR", "1"))
 API_KEY = "test-key"
+#: Read rights that let a client without a token subscribe to anything ('#').
+READ_ALL = "#,jobs/#"
 
 
 def timeout(seconds: float) -> float:

@@ -15,6 +15,7 @@ import pytest
 from services import RedisServer, SilentProxy
 from support import (
     API_KEY,
+    READ_ALL,
     Gateway,
     WsClient,
     admin_stats,
@@ -33,9 +34,10 @@ from websockets.asyncio.client import connect
 @pytest.fixture
 def pair(tmp_path: Path, shared_redis: str) -> Iterator[tuple[Gateway, Gateway]]:
     """Two replicas, G1 and G2, sharing the machine's Redis."""
-    first = start_gateway(tmp_path, replica="g1")
+    # Clients without a token may read everything, '#' included (C07).
+    first = start_gateway(tmp_path, replica="g1", anonymous_read=READ_ALL)
     try:
-        second = start_gateway(tmp_path, replica="g2")
+        second = start_gateway(tmp_path, replica="g2", anonymous_read=READ_ALL)
     except Exception:
         first.stop()
         raise

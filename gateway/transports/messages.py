@@ -16,6 +16,7 @@ from gateway.events.frames import text_frame
 from gateway.events.topics import filter_matches, validate_filter, validate_topic
 
 __all__ = [
+    "Authenticate",
     "Ping",
     "Subscribe",
     "Unsubscribe",
@@ -52,7 +53,18 @@ class Ping:
     ref: str | int | None = None
 
 
-Operation = Subscribe | Unsubscribe | Ping
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Replace the connection's token with a fresh one (before it expires)."""
+
+    token: str
+    ref: str | int | None = None
+
+
+Operation = Subscribe | Unsubscribe | Ping | Authenticate
+
+#: Longest token accepted in an ``auth`` message, in characters.
+_MAX_TOKEN_LENGTH = 8192
 
 
 def _ref(message: dict[str, Any]) -> str | int | None:
@@ -151,10 +163,18 @@ def parse_operation(
         )
     if op == "ping":
         return Ping(ref)
+    if op == "auth":
+        token = message.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN_LENGTH:
+            raise BadRequest(
+                f"'token' must be a string of 1 to {_MAX_TOKEN_LENGTH} characters",
+                code="bad_field",
+            )
+        return Authenticate(token, ref)
     if not isinstance(op, str):
         raise BadRequest("'op' must be a string", code="unknown_op")
     raise BadRequest(
-        f"unknown op {op[:40]!r}; expected subscribe, unsubscribe or ping",
+        f"unknown op {op[:40]!r}; expected subscribe, unsubscribe, ping or auth",
         code="unknown_op",
     )
 

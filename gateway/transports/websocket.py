@@ -38,10 +38,17 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State as CoreState
 from websockets.server import ServerProtocol
 
-from gateway.errors import ClientError, LimitExceeded, Unavailable
+from gateway.errors import (
+    ClientError,
+    Forbidden,
+    LimitExceeded,
+    Unauthorized,
+    Unavailable,
+)
 from gateway.events.envelope import Event
 from gateway.state.base import ConnectionRecord
 from gateway.transports.messages import (
+    Authenticate,
     Ping,
     Subscribe,
     Unsubscribe,
@@ -53,6 +60,8 @@ from gateway.transports.messages import (
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
+    from gateway.security.permissions import ReadRights
+    from gateway.security.tokens import Grant
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -75,6 +84,8 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
+#: The connection's token expired (docs/protocol.md).
+CLOSE_TOKEN_EXPIRED = 4001
 
 #: The path of the endpoint; other upgrade requests get 404.
 PATH = "/ws"
@@ -191,6 +202,14 @@ class WebSocketProtocol(asyncio.Protocol):
         # Cleared while the transport's buffer is above its high-water mark;
         # made on the first pause only, so idle connections do not carry one.
         self._writable: asyncio.Event | None = None
+        # The verified token (None: anonymous), what it allows, and the timer
+        # that closes the connection when it expires.
+        self.grant: Grant | None = None
+        self.rights: ReadRights | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        # The address this connection is counted under in the runtime's
+        # connection limits, until it ends; None if it was never counted.
+        self._counted_address: str | None = None
 
     # asyncio callbacks
 
@@ -239,9 +258,12 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server_connections.discard(self)
+        if self._counted_address is not None:
+            self.runtime.limits.release(self._counted_address)
+            self._counted_address = None
         if self._writable is not None:
             self._writable.set()
-        for timer in (self._ping_timer, self._close_timer):
+        for timer in (self._ping_timer, self._close_timer, self._expiry_timer):
             if timer is not None:
                 timer.cancel()
         if self.state in (_State.OPEN, _State.CLOSING):
@@ -290,6 +312,8 @@ class WebSocketProtocol(asyncio.Protocol):
             response = _json_refusal(
                 conn, 503, "draining", "server shutting down; reconnect elsewhere"
             )
+        elif (refusal := self._admit(request)) is not None:
+            response = refusal
         else:
             # No extensions are offered back: events are sent uncompressed so that
             # one encoded frame serves every subscriber (docs/protocol.md).
@@ -308,6 +332,30 @@ class WebSocketProtocol(asyncio.Protocol):
             self.transport.close()
             return
         self._open()
+
+    def _admit(self, request: Request) -> Response | None:
+        """Check limits and the client's token; a refusal to send, or None."""
+        runtime = self.runtime
+        address = self.peer.rpartition(":")[0]
+        refusal = runtime.limits.check(address, request.headers.get("Origin"))
+        if refusal is not None:
+            runtime.metrics.refused_connections.labels(refusal.code).inc()
+            logger.info(
+                "refused WebSocket upgrade from %s: %s", self.peer, refusal.message
+            )
+            return _json_refusal(
+                self.conn, refusal.status, refusal.code, refusal.message
+            )
+        self._counted_address = address
+        access = runtime.access
+        try:
+            token = access.token_of(request.path, request.headers.get("Authorization"))
+            self.grant = access.admit(token)
+        except Unauthorized as exc:
+            self.runtime.metrics.refused_connections.labels("unauthorized").inc()
+            return _json_refusal(self.conn, 401, exc.code, str(exc))
+        self.rights = access.rights(self.grant)
+        return None
 
     def _refuse_malformed_upgrade(self, exc: Exception) -> None:
         """Answer 400 to an upgrade request the core could not parse."""
@@ -349,8 +397,10 @@ class WebSocketProtocol(asyncio.Protocol):
             )
         )
         self._ping_timer = self.loop.call_later(settings.ping_interval, self._keepalive)
+        self._watch_expiry()
+        user = self.grant.subject if self.grant is not None else None
         record = ConnectionRecord(
-            self.id, settings.replica, "websocket", None, time.time()
+            self.id, settings.replica, "websocket", user, time.time()
         )
         # Registration runs first in the handler task, so that every operation
         # the client sends finds its connection registered.
@@ -469,6 +519,8 @@ class WebSocketProtocol(asyncio.Protocol):
                 await self._unsubscribe(operation)
             elif isinstance(operation, Ping):
                 self._write(control_frame("pong", ref=operation.ref))
+            elif isinstance(operation, Authenticate):
+                await self._authenticate(operation)
         except ClientError as exc:
             logger.debug("connection %s: %s: %s", self.id, exc.code, exc)
             self._client_error(exc.code)
@@ -478,6 +530,14 @@ class WebSocketProtocol(asyncio.Protocol):
 
     async def _subscribe(self, operation: Subscribe) -> None:
         runtime = self.runtime
+        rights = self.rights
+        assert rights is not None
+        refused = [f for f in operation.filters if not rights.allows(f)]
+        if refused:
+            raise Forbidden(
+                f"not allowed to read {', '.join(map(repr, refused[:5]))}; "
+                "nothing was subscribed"
+            )
         new = [f for f in operation.filters if f not in self.filters]
         limit = runtime.settings.max_subscriptions
         if len(self.filters) + len(new) > limit:
@@ -591,6 +651,51 @@ class WebSocketProtocol(asyncio.Protocol):
         writable = self._writable
         if writable is not None and not writable.is_set():
             await writable.wait()
+
+    async def _authenticate(self, operation: Authenticate) -> None:
+        """Take a fresh token: new rights and expiry, the same subject."""
+        try:
+            grant = self.runtime.access.admit(operation.token)
+        except Unauthorized as exc:
+            raise Unauthorized(f"token refused: {exc}") from exc
+        assert grant is not None
+        if self.grant is not None and grant.subject != self.grant.subject:
+            raise Forbidden("a fresh token must name the same subject ('sub')")
+        self.grant = grant
+        self.rights = grant.rights
+        # Subscriptions the new rights no longer allow end now.
+        dropped = sorted(f for f in self.filters if not grant.rights.allows(f))
+        if dropped:
+            await self._unsubscribe(Unsubscribe(tuple(dropped)))
+        self._watch_expiry()
+        self._write(
+            control_frame(
+                "authenticated",
+                subject=grant.subject,
+                expiresAt=grant.expires_at,
+                dropped=dropped or None,
+                ref=operation.ref,
+            )
+        )
+
+    def _watch_expiry(self) -> None:
+        """Close the connection when its token expires."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.grant is not None:
+            delay = max(0.0, self.grant.seconds_left())
+            self._expiry_timer = self.loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry_timer = None
+        logger.info(
+            "connection %s: token expired; closing with %d",
+            self.id,
+            CLOSE_TOKEN_EXPIRED,
+            extra={"connection_id": self.id},
+        )
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired")
 
     async def _unsubscribe(self, operation: Unsubscribe) -> None:
         runtime = self.runtime
