@@ -52,7 +52,9 @@ def create_app(runtime: Runtime) -> Starlette:
                 runtime.settings, publish=runtime.publish, metrics=runtime.metrics
             )
             await jobs.start()
-            webhooks = WebhookReceiver.from_settings(runtime.settings)
+            webhooks = WebhookReceiver.from_settings(
+                runtime.settings, lambda: runtime.keys.webhook_secrets
+            )
             try:
                 yield {"gateway": runtime, "jobs": jobs, "webhooks": webhooks}
             finally:

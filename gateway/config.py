@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         description="Bearer key for POST /events; a random one is made and "
         "printed at start when unset.",
     )
+    keys_file: str | None = Field(
+        None,
+        description="TOML file of scoped publish keys and webhook secrets, read "
+        "again whenever it changes (docs/security.md); only --api-key when unset.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged."
     )
@@ -306,6 +311,15 @@ class Settings(BaseSettings):
     def _api_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().strip()) < 8:
             raise ValueError("an API key needs at least 8 characters")
+        return value
+
+    @field_validator("keys_file")
+    @classmethod
+    def _keys_file_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.security.keys import load_keys_file
+
+            load_keys_file(value)
         return value
 
     @field_validator("webhook_secret")

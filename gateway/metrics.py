@@ -58,6 +58,11 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.publish_keys = Gauge(
+            "gateway_publish_keys",
+            "Publish keys of the keys file in force (the operator's not counted).",
+            registry=registry,
+        )
         self.refused_connections = Counter(
             "gateway_refused_connections",
             "WebSocket upgrades refused, by reason.",

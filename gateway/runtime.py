@@ -15,6 +15,7 @@ from gateway.events.envelope import Draft, Event
 from gateway.fanout.router import Router
 from gateway.metrics import Metrics
 from gateway.security.access import SubscriberAccess
+from gateway.security.keys import KeyRing
 from gateway.security.limits import ConnectionLimits
 from gateway.state.base import StateBackend
 from gateway.transports.mqtt import MqttBridge, parse_qos_rules
@@ -49,6 +50,8 @@ class Runtime:
         self._backlog: deque[Event] = deque()
         self._backlog_ready = asyncio.Event()
         self._fanout_task: asyncio.Task[None] | None = None
+        # Reads the keys file again when it changes; see KeyRing.watch.
+        self._keys_task: asyncio.Task[None] | None = None
         # Whether publishes are being refused for a full backlog (logged once).
         self._backlog_full = False
         self.metrics.backlog.set_function(lambda: len(self._backlog))
@@ -57,6 +60,9 @@ class Runtime:
         backend.set_listener(self.on_event)
         # Tokens and read rights of WebSocket subscribers.
         self.access = SubscriberAccess.from_settings(settings)
+        # Publish keys and webhook secrets; the keys file is watched for changes.
+        self.keys = KeyRing.from_settings(settings)
+        self.metrics.publish_keys.set_function(lambda: self.keys.publish_key_count)
         # Origins, connection counts and connect rates of WebSocket clients.
         self.limits = ConnectionLimits.from_settings(settings)
         # Publishes the events this replica accepts to the broker; None when no
@@ -67,6 +73,8 @@ class Runtime:
         """Connect the backend and start the fan-out task."""
         await self.backend.start()
         self._fanout_task = asyncio.get_running_loop().create_task(self._fan_out())
+        # Runs until close, so it is not among the tasks close waits for.
+        self._keys_task = asyncio.get_running_loop().create_task(self.keys.watch())
         logger.info("state backend %s ready", self.backend.name)
         if self.mqtt is not None:
             # Connecting runs in the background: the gateway serves WebSocket
@@ -77,6 +85,8 @@ class Runtime:
         """Finish background work and release the backend."""
         if self._fanout_task is not None:
             self._fanout_task.cancel()
+        if self._keys_task is not None:
+            self._keys_task.cancel()
         if self.mqtt is not None:
             await self.mqtt.close(flush_within=self.settings.close_timeout)
         if self._tasks:

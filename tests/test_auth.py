@@ -277,6 +277,68 @@ async def test_anonymous_access_switched_off(tmp_path: Path) -> None:
             assert client.welcome["type"] == "welcome"
 
 
+async def test_topic_polling_reads_by_the_same_rights(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Polling a topic applies the anonymous rights and tokens as subscribing
+    does: refused without a token where none is allowed, 403 outside the
+    token's topics, jobs by their id; a token comes as a header or in the query."""
+    settings = {"jwt_secret": SECRET, "anonymous_read": "stocks/#"}
+    with running_gateway(tmp_path, **settings) as gateway:
+        await publish(http, gateway, [event("stocks/AAPL", 1), event("teams/ARG", 2)])
+
+        async def poll(topic: str, **kwargs: Any) -> httpx.Response:
+            url = f"{gateway.http_url}/topics/{topic}/events"
+            return await http.get(url, **kwargs)
+
+        fan = {"Authorization": f"Bearer {token(['teams/#'])}"}
+        answers = {
+            "anonymous stocks": await poll("stocks/AAPL"),
+            "anonymous teams": await poll("teams/ARG"),
+            "anonymous job": await poll("jobs/0f3a9c"),
+            "token teams": await poll("teams/ARG", headers=fan),
+            "token stocks": await poll("stocks/AAPL", headers=fan),
+            "query token": await poll(
+                "teams/ARG", params={"access_token": token(["teams/ARG"])}
+            ),
+            "expired token": await poll(
+                "teams/ARG",
+                headers={"Authorization": f"Bearer {token('#', seconds=-5)}"},
+            ),
+        }
+        assert_no_error_logged(gateway)
+    statuses = {name: a.status_code for name, a in answers.items()}
+    assert statuses == {
+        "anonymous stocks": 200,
+        "anonymous teams": 403,
+        "anonymous job": 200,
+        "token teams": 200,
+        "token stocks": 403,
+        "query token": 200,
+        "expired token": 401,
+    }
+    assert answers["anonymous teams"].json()["error"]["code"] == "forbidden"
+    assert answers["expired token"].headers["WWW-Authenticate"] == "Bearer"
+    assert [
+        e["eventDetails"]["n"] for e in answers["token teams"].json()["events"]
+    ] == [2]
+
+
+async def test_topic_polling_without_anonymous_rights_needs_a_token(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """With --anonymous-read empty, a poll without a token gets a JSON 401."""
+    with running_gateway(tmp_path, jwt_secret=SECRET, anonymous_read="") as gateway:
+        url = f"{gateway.http_url}/topics/stocks/AAPL/events"
+        refused = await http.get(url)
+        allowed = await http.get(
+            url, headers={"Authorization": f"Bearer {token(['stocks/#'])}"}
+        )
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "unauthorized"
+    assert allowed.status_code == 200
+
+
 # Integration: who may connect, how many, how fast.
 
 

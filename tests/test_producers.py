@@ -135,7 +135,7 @@ def test_match_file_holds_the_final_in_order() -> None:
 def test_producer_signature_is_what_the_gateway_verifies() -> None:
     """Headers made by the producer pass the gateway's check; a changed body fails."""
     receiver = WebhookReceiver(
-        SECRET.encode(), tolerance=300, store=MemoryDedupeStore(ttl=60)
+        lambda: [SECRET.encode()], tolerance=300, store=MemoryDedupeStore(ttl=60)
     )
     body = b'{"id": "x"}'
     receiver.verify(signed_headers(SECRET.encode(), body), body)

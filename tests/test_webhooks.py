@@ -173,7 +173,7 @@ def test_c13_signatures_are_compared_in_constant_time(
 
     monkeypatch.setattr(webhooks.hmac, "compare_digest", spy)
     receiver = WebhookReceiver(
-        SECRET.encode(), tolerance=300, store=MemoryDedupeStore(ttl=60)
+        lambda: [SECRET.encode()], tolerance=300, store=MemoryDedupeStore(ttl=60)
     )
     body = orjson.dumps(payload())
     receiver.verify(sign(body), body)

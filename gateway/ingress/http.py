@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,12 +13,14 @@ from starlette.routing import Route
 from gateway.errors import (
     BadRequest,
     ClientError,
+    Forbidden,
     TooLarge,
     Unauthorized,
     Unavailable,
 )
 from gateway.events.envelope import parse_drafts
 from gateway.runtime import Runtime
+from gateway.security.keys import Principal
 
 __all__ = ["error_response", "routes"]
 
@@ -44,15 +45,13 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-def _check_api_key(request: Request, runtime: Runtime) -> None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    expected = runtime.settings.api_key
-    if scheme.lower() != "bearer" or not token or expected is None:
-        raise Unauthorized("missing bearer API key")
-    # Constant time, so the key cannot be guessed byte by byte from timings.
-    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("wrong API key")
+def _check_api_key(request: Request, runtime: Runtime) -> Principal:
+    """The holder of the request's bearer key.
+
+    Raises:
+        Unauthorized: no bearer key, or one the gateway does not know.
+    """
+    return runtime.keys.authenticate(request.headers.get("authorization"))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -81,7 +80,7 @@ async def publish(request: Request) -> Response:
     runtime = _runtime(request)
     settings = runtime.settings
     try:
-        _check_api_key(request, runtime)
+        principal = _check_api_key(request, runtime)
         body = await _read_body(request, settings.max_body_bytes)
         drafts = parse_drafts(
             body,
@@ -89,6 +88,8 @@ async def publish(request: Request) -> Response:
             max_topic_depth=settings.max_topic_depth,
             max_batch=settings.max_batch,
         )
+        # A batch is all or nothing: one topic out of the key's scope refuses it.
+        principal.check_publish(draft.topic for draft in drafts)
         events = await runtime.publish(drafts)
     except ClientDisconnect:
         # The publisher left before sending its whole body: nothing to answer.
@@ -153,9 +154,11 @@ async def admin_stats(request: Request) -> Response:
     """GET /admin/stats: connections, and per topic the subscribers and last offset."""
     runtime = _runtime(request)
     try:
-        _check_api_key(request, runtime)
+        _check_api_key(request, runtime).check_admin()
     except Unauthorized as exc:
         return error_response(401, exc.code, str(exc), {"WWW-Authenticate": "Bearer"})
+    except Forbidden as exc:
+        return error_response(403, exc.code, str(exc))
     backend = runtime.backend
     try:
         topics = await backend.topic_stats()

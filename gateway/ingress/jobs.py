@@ -116,7 +116,7 @@ async def submit_job(request: Request) -> Response:
     runtime = _runtime(request)
     jobs = _jobs(request)
     try:
-        _check_api_key(request, runtime)
+        _check_api_key(request, runtime).check_jobs()
         kind, params = _parse_submission(await _read_body(request, _MAX_BODY))
         try:
             job = await jobs.submit(kind, params)
@@ -212,7 +212,7 @@ async def cancel_job(request: Request) -> Response:
     runtime = _runtime(request)
     job_id: str = request.path_params["job_id"]
     try:
-        _check_api_key(request, runtime)
+        _check_api_key(request, runtime).check_jobs()
         job = await _jobs(request).cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
     except ClientError as exc:
         return _client_error(runtime, exc)

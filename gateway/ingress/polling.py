@@ -8,8 +8,12 @@
 ``events`` are the same JSON messages WebSocket subscribers get, in offset order,
 each with its ``offset``. ``nextOffset`` is what to send as ``since`` next time.
 ``truncated`` is true when events after ``since`` are gone from the history (it
-keeps ``--history-size`` per topic): the answer then starts at ``firstOffset``. Like
-WebSocket subscribing, polling needs no key.
+keeps ``--history-size`` per topic): the answer then starts at ``firstOffset``.
+
+Polling reads by the same rules as WebSocket subscribing: without a token, the
+anonymous rights (``--anonymous-read``); with a subscriber token (a bearer header or
+the ``access_token`` query parameter), the topics it names. A job's topic is
+readable by whoever holds its id.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import BadRequest, ClientError, Unavailable
+from gateway.errors import BadRequest, ClientError, Forbidden, Unavailable
 from gateway.events.topics import validate_topic
 from gateway.ingress.http import error_response
 from gateway.ingress.jobs import CACHE_CONTROL, etag_matches
@@ -57,13 +61,15 @@ async def topic_events(request: Request) -> Response:
             max_length=settings.max_topic_length,
             max_depth=settings.max_topic_depth,
         )
+        _check_read(runtime, request, topic)
         since = _int_param(request, "since", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         read = await runtime.backend.read_history(topic, since, limit)
     except ClientError as exc:
         logger.debug("topic poll refused: %s: %s", exc.code, exc)
         runtime.metrics.client_errors.labels(exc.code).inc()
-        return error_response(exc.status, exc.code, str(exc))
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, str(exc), headers)
     except Unavailable as exc:
         logger.debug("topic poll refused: %s", exc)
         return error_response(503, "unavailable", str(exc), {"Retry-After": "1"})
@@ -100,6 +106,20 @@ async def topic_events(request: Request) -> Response:
     if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
         return Response(status_code=304, headers=headers)
     return Response(body, headers=headers, media_type="application/json")
+
+
+def _check_read(runtime: Runtime, request: Request, topic: str) -> None:
+    """Refuse a poll that the caller's token, or the anonymous rights, forbid.
+
+    Raises:
+        Unauthorized: a bad or expired token, or none where one is needed.
+        Forbidden: the rights do not cover ``topic``.
+    """
+    access = runtime.access
+    token = access.token_of(str(request.url), request.headers.get("authorization"))
+    rights = access.rights(access.admit(token))
+    if not rights.allows(topic):
+        raise Forbidden(f"not allowed to read {topic!r}")
 
 
 def _etag(topic: str, since: int, limit: int, first: int, last: int) -> str:

@@ -1,6 +1,7 @@
 """Signed webhooks from third-party feeds: ``POST /webhooks/fixtures``.
 
-A sender signs each delivery with the shared secret (``webhook_secret``)::
+A sender signs each delivery with a shared secret (``webhook_secret``, or one of
+the keys file's ``webhook_secrets``; every one listed is valid, for rotation)::
 
     X-Webhook-Timestamp: <Unix seconds>
     X-Webhook-Signature: sha256=<hex of HMAC-SHA256(secret, f"{timestamp}." + body)>
@@ -21,7 +22,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -225,7 +226,8 @@ class WebhookReceiver:
     """Checks signed deliveries and remembers which event ids were accepted.
 
     Args:
-        secret: the shared secret; None turns the webhook off.
+        secrets: gives the secrets a delivery may be signed with now (several
+            during a rotation); none turns the webhook off.
         tolerance: seconds a timestamp may differ from ``clock``.
         store: where accepted event ids are remembered.
         clock: wall clock, in seconds since the epoch.
@@ -233,20 +235,28 @@ class WebhookReceiver:
 
     def __init__(
         self,
-        secret: bytes | None,
+        secrets: Callable[[], Sequence[bytes]],
         *,
         tolerance: float,
         store: DedupeStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.secret = secret
+        self.secrets = secrets
         self.tolerance = tolerance
         self.store = store
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WebhookReceiver:
-        """The receiver, with a dedupe store next to the state backend."""
+    def from_settings(
+        cls, settings: Settings, secrets: Callable[[], Sequence[bytes]]
+    ) -> WebhookReceiver:
+        """The receiver, with a dedupe store next to the state backend.
+
+        Args:
+            settings: the gateway's settings.
+            secrets: the signing secrets in force (the key ring's, which follows
+                ``--webhook-secret`` and the keys file).
+        """
         store: DedupeStore
         if settings.redis_url is None:
             store = MemoryDedupeStore(ttl=settings.webhook_dedupe_ttl)
@@ -256,9 +266,8 @@ class WebhookReceiver:
                 prefix=settings.redis_prefix,
                 ttl=settings.webhook_dedupe_ttl,
             )
-        secret = settings.webhook_secret
         return cls(
-            secret.get_secret_value().encode() if secret is not None else None,
+            secrets,
             tolerance=settings.webhook_tolerance,
             store=store,
         )
@@ -274,7 +283,6 @@ class WebhookReceiver:
             Unauthorized: a header is missing or garbled, the timestamp is too
                 far from now, or no signature matches.
         """
-        assert self.secret is not None
         timestamp = headers.get(TIMESTAMP_HEADER)
         if timestamp is None:
             raise Unauthorized(f"missing {TIMESTAMP_HEADER} header")
@@ -287,12 +295,14 @@ class WebhookReceiver:
                 f"over the tolerance of {self.tolerance:.0f} s"
             )
         given = _signatures(headers.get(SIGNATURE_HEADER))
-        expected = signature(self.secret, timestamp, body).encode()
-        # Every candidate is compared, in constant time each, so that timings
-        # tell nothing about how much of a forged signature was right.
+        expected = [signature(s, timestamp, body).encode() for s in self.secrets()]
+        # Every candidate is compared with every secret's signature, in constant
+        # time each, so that timings tell nothing about how much of a forged
+        # signature was right, nor which secret came close.
         matched = False
         for candidate in given:
-            matched |= hmac.compare_digest(candidate.encode(), expected)
+            for digest in expected:
+                matched |= hmac.compare_digest(candidate.encode(), digest)
         if not matched:
             raise Unauthorized("signature does not match the body")
 
@@ -411,12 +421,12 @@ async def fixtures_webhook(request: Request) -> Response:
     """POST /webhooks/fixtures: publish one signed key event of a fixture."""
     runtime: Runtime = request.state.gateway
     receiver: WebhookReceiver = request.state.webhooks
-    if receiver.secret is None:
+    if not receiver.secrets():
         return error_response(
             503,
             "webhooks_off",
             "webhooks are off: the gateway has no --webhook-secret "
-            "(GATEWAY_WEBHOOK_SECRET)",
+            "(GATEWAY_WEBHOOK_SECRET) and no webhook secret in --keys-file",
         )
     try:
         body = await _read_body(request, _MAX_BODY)
