@@ -623,3 +623,60 @@ async def test_unknown_paths_and_methods_get_404_and_405(
     assert _outcome(wrong_method) == (405, "http_error")
     assert _outcome(unknown) == (404, "http_error")
     assert welcome["type"] == "welcome"
+
+
+# Hostile messages while another client receives.
+
+
+async def test_hostile_messages_get_errors_and_leave_peers_and_memory_alone(
+    gateway: Gateway, http: httpx.AsyncClient, topic: str
+) -> None:
+    """JSON nested 30,000 deep, a subscribe of 5,000 topics, hostile topic names
+    and unknown fields each get a named error on a connection that stays open;
+    nested event details get 400; a bystander never stalls and memory holds."""
+    hostile_filters = ["a\x00b", "a/../b", "a b", "x" * 10_000, "caf\u00e9", "$SYS/#"]
+    frames = {
+        "nested arrays": b"[" * 30_000 + b"]" * 30_000,
+        "nested objects": b'{"op":' * 5_000 + b"1" + b"}" * 5_000,
+        "5,000 topics": orjson.dumps(
+            {"op": "subscribe", "topics": [f"t/{n}" for n in range(5_000)]}
+        ),
+        "unknown field": orjson.dumps({"op": "ping", "please": True}),
+        **{
+            f"filter {bad[:12]!r}": orjson.dumps({"op": "subscribe", "topics": [bad]})
+            for bad in hostile_filters
+        },
+    }
+    envelope = orjson.dumps({**event(f"{topic}/b"), "eventDetails": "X"})
+    nested_details = b'{"a":' * 2_000 + b"1" + b"}" * 2_000
+    deep_body = envelope.replace(b'"X"', nested_details)
+    async with FlowProbe(gateway, http, f"{topic}/b") as probe:
+        before = gateway.rss_bytes()
+        a = await RawWebSocket.opened(gateway.port, answer_pings=False)
+        try:
+            answers = {}
+            for _ in range(3):
+                for name, payload in frames.items():
+                    await a.send_frame(OP_TEXT, payload)
+                    answers[name] = await a.recv_json()
+            await a.send_json({"op": "ping", "ref": "still"})
+            pong = await a.recv_json()
+        finally:
+            a.close()
+        deep = await publish(http, gateway, deep_body)
+        grown = gateway.rss_bytes() - before
+    probe.assert_flowing()
+    codes = {name: answer.get("code") for name, answer in answers.items()}
+    assert codes == {
+        "nested arrays": "bad_json",
+        "nested objects": "bad_json",
+        "5,000 topics": "limit_exceeded",
+        "unknown field": None,
+        **{f"filter {bad[:12]!r}": "bad_topic" for bad in hostile_filters},
+    }
+    # An unknown field is ignored, so clients may add fields a later gateway reads.
+    assert answers["unknown field"] == {"type": "pong"}
+    assert pong == {"type": "pong", "ref": "still"}
+    assert (deep.status_code, deep.json()["error"]["code"]) == (400, "bad_json")
+    assert grown < 20 * 1024 * 1024, grown
+    assert_no_error_logged(gateway)
