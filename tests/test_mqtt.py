@@ -588,14 +588,36 @@ async def test_deploy_acl_lets_only_the_gateway_publish(
             with pytest.raises(aiomqtt.MqttError):
                 async with aiomqtt.Client("127.0.0.1", broker.port):
                     pass
-            # Browsers reach the same broker over its WebSocket listener.
-            async with aiomqtt.Client(
-                "127.0.0.1", broker.ws_port, transport="websockets", **login
-            ) as browser:
+            # A job's topic reaches a connection named after the job, and no
+            # other, whatever it subscribed to: Mosquitto grants jobs/+ but
+            # checks the ACL on each delivery. Over WebSocket (browsers) too.
+            job = "0f3a9c5d7e"
+            async with (
+                aiomqtt.Client(
+                    "127.0.0.1", broker.ws_port, transport="websockets", **login
+                ) as browser,
+                aiomqtt.Client(
+                    "127.0.0.1", broker.port, identifier=job, **login
+                ) as follower,
+            ):
                 await browser.subscribe("jobs/+", qos=1)
+                await browser.subscribe(f"jobs/{job}", qos=1)
+                await follower.subscribe(f"jobs/{job}", qos=1)
+                response = await publish(http, gateway, event(f"jobs/{job}"))
+                assert response.status_code == 200
+                async with asyncio.timeout(timeout(5)):
+                    message = await anext(follower.messages)
+                # Sent after the job's event: once it arrives, the job's would have.
+                await publish(http, gateway, event("stocks/AAPL"))
+                await browser.subscribe("stocks/AAPL", qos=1)
+                await publish(http, gateway, event("stocks/AAPL"))
+                async with asyncio.timeout(timeout(5)):
+                    seen = await anext(browser.messages)
     finally:
         broker.stop()
     assert "denied" in broker.log().lower(), broker.log()
+    assert orjson.loads(bytes(seen.payload))["topic"] == "stocks/AAPL"  # type: ignore[arg-type]
+    assert orjson.loads(bytes(message.payload))["topic"] == f"jobs/{job}"  # type: ignore[arg-type]
 
 
 # The embedded broker, as `gateway serve` and `gateway demo` start it.
