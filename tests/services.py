@@ -68,6 +68,8 @@ class SilentProxy:
 
     Once ``go_silent`` is called, no byte passes in either direction and no FIN or
     RST is sent: to both ends the peer looks like it vanished behind a firewall.
+    ``drop_replies`` stops only what the upstream sends back on the connections
+    open then, so requests still arrive but their answers are lost.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -75,6 +77,7 @@ class SilentProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
+        self._reply_pumps: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
@@ -92,6 +95,9 @@ class SilentProxy:
             task = asyncio.create_task(self._pump(source, sink))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
+            if source is up_reader:
+                self._reply_pumps.add(task)
+                task.add_done_callback(self._reply_pumps.discard)
 
     @staticmethod
     async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -99,6 +105,11 @@ class SilentProxy:
             while data := await source.read(65536):
                 sink.write(data)
                 await sink.drain()
+
+    def drop_replies(self) -> None:
+        """Stop forwarding answers on the open connections; requests still pass."""
+        for task in list(self._reply_pumps):
+            task.cancel()
 
     def go_silent(self) -> None:
         """Stop forwarding; keep every socket open."""

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from gateway.events.envelope import Draft, Event
 
 __all__ = [
+    "AlreadyPublished",
     "ConnectionRecord",
     "EventListener",
+    "EventRef",
     "HistoryRead",
+    "Once",
     "StateBackend",
     "TopicStats",
 ]
@@ -50,6 +53,46 @@ class HistoryRead:
     events: Sequence[Event]
     first_offset: int
     last_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """Makes a publish happen at most once for its key.
+
+    Attributes:
+        key: unique among the publishes that must not repeat (the caller puts
+            whose key it is in it, such as ``publish:<key name>:<client key>``).
+        fingerprint: what the first request held, such as a hash of its body;
+            a repeat may be checked against it.
+        ttl: seconds the key is remembered after the first publish.
+    """
+
+    key: str
+    fingerprint: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    """Where a published event went: its id, topic and offset."""
+
+    id: str
+    topic: str
+    offset: int
+
+
+class AlreadyPublished(Exception):
+    """A publish whose ``Once`` key was used before; nothing new was stored.
+
+    Attributes:
+        events: the events the first publish stored.
+        fingerprint: the first publish's fingerprint.
+    """
+
+    def __init__(self, events: Sequence[EventRef], fingerprint: str) -> None:
+        super().__init__(f"already published as {len(events)} events")
+        self.events = tuple(events)
+        self.fingerprint = fingerprint
 
 
 @dataclass(slots=True)
@@ -96,19 +139,31 @@ class StateBackend(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
+    async def publish(
+        self, drafts: Sequence[Draft], *, max_bytes: int, once: Once | None = None
+    ) -> list[Event]:
         """Stamp, store and deliver a batch of events, all or none.
+
+        With ``once``, the check of its key, the events and the key itself are
+        stored in one step: of two publishes with one key, on any replicas, one
+        stores its events and the other raises ``AlreadyPublished``; and a
+        publish that stored its events has stored its key, even if its answer
+        was lost on the way back (Redis frozen), so a retry never stores twice.
 
         Args:
             drafts: validated envelopes, in the order they must get offsets.
             max_bytes: largest accepted encoded event, in bytes.
+            once: makes the publish happen at most once for this key.
 
         Returns:
             The stamped events, in the order of ``drafts``.
 
         Raises:
             TooLarge: an event is over ``max_bytes``; nothing was stored.
-            Unavailable: the backend can't store events now; nothing was stored.
+            AlreadyPublished: ``once`` names a key used before; nothing stored.
+            Unavailable: the backend can't store events now. Nothing was stored,
+                unless the backend stopped answering while it stored them; with
+                ``once``, a retry then tells which.
         """
 
     @abc.abstractmethod

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 
 from gateway.events.envelope import Draft, Event, stamp
-from gateway.state.base import ConnectionRecord, HistoryRead, StateBackend, TopicStats
+from gateway.state.base import (
+    AlreadyPublished,
+    ConnectionRecord,
+    EventRef,
+    HistoryRead,
+    Once,
+    StateBackend,
+    TopicStats,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -24,14 +33,27 @@ class MemoryBackend(StateBackend):
 
     name = "memory"
 
-    def __init__(self, *, history_size: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        max_once_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """Create an empty backend.
 
         Args:
             history_size: events kept per topic; older ones are forgotten.
+            max_once_keys: ``Once`` keys remembered at most; past this the
+                oldest is forgotten before its time.
+            clock: the monotonic clock ``Once`` keys expire by, in seconds.
         """
         super().__init__()
         self._history_size = history_size
+        # Once keys, oldest first: key to (expiry time, fingerprint, events).
+        self._once: OrderedDict[str, tuple[float, str, list[EventRef]]] = OrderedDict()
+        self._max_once_keys = max_once_keys
+        self._clock = clock
         # Per topic: the newest events (capped) and the newest offset ever given.
         self._history: dict[str, deque[Event]] = {}
         self._last_offset: dict[str, int] = {}
@@ -40,7 +62,11 @@ class MemoryBackend(StateBackend):
         self._filters_of: dict[str, set[str]] = {}
         self._subscribers_of: Counter[str] = Counter()
 
-    async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
+    async def publish(
+        self, drafts: Sequence[Draft], *, max_bytes: int, once: Once | None = None
+    ) -> list[Event]:
+        if once is not None:
+            self._check_once(once.key)
         # Stamp the whole batch before storing any of it, so that an event over
         # the size limit leaves no offset used and nothing half published.
         next_offset = dict(self._last_offset)
@@ -58,7 +84,27 @@ class MemoryBackend(StateBackend):
             self._last_offset[event.topic] = event.offset
             if listener is not None:
                 listener(event)
+        if once is not None:
+            refs = [EventRef(e.id, e.topic, e.offset) for e in events]
+            self._once[once.key] = (self._clock() + once.ttl, once.fingerprint, refs)
+            if len(self._once) > self._max_once_keys:
+                self._once.popitem(last=False)
         return events
+
+    def _check_once(self, key: str) -> None:
+        """Raise AlreadyPublished if ``key`` is remembered; forget expired keys."""
+        now = self._clock()
+        # Keys are kept in the order they were stored, so with one time to live
+        # the expired ones are at the front. A longer-lived key there only delays
+        # forgetting those behind it: they are checked here, and bounded.
+        while self._once:
+            oldest = next(iter(self._once.values()))
+            if oldest[0] > now:
+                break
+            self._once.popitem(last=False)
+        found = self._once.get(key)
+        if found is not None and found[0] > now:
+            raise AlreadyPublished(found[2], found[1])
 
     async def read_history(self, topic: str, after: int, limit: int) -> HistoryRead:
         history = self._history.get(topic)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -42,7 +43,15 @@ from gateway.config import without_credentials
 from gateway.errors import Unavailable
 from gateway.events.envelope import Draft, Event, decode_event, encode
 from gateway.events.topics import filter_matches, is_wildcard
-from gateway.state.base import ConnectionRecord, HistoryRead, StateBackend, TopicStats
+from gateway.state.base import (
+    AlreadyPublished,
+    ConnectionRecord,
+    EventRef,
+    HistoryRead,
+    Once,
+    StateBackend,
+    TopicStats,
+)
 
 __all__ = ["RedisBackend"]
 
@@ -55,16 +64,27 @@ _REMOVAL_BATCH = 500
 #: Connection records written per pipeline on a refresh.
 _WRITE_CHUNK = 200
 
-# KEYS: seq and history key of each event, in order. ARGV: the history cap, whether
-# to publish on sharded channels too, then per event the offset floor, the channel,
-# and the payload around its offset. Exact subscriptions listen on the sharded
-# channel where Redis has them; patterns (wildcard subscriptions) only see PUBLISH.
+# KEYS: seq and history key of each event, in order, then the Once key if any.
+# ARGV: the history cap, whether to publish on sharded channels too, the Once
+# fingerprint (empty for none) and time to live in ms, then per event the offset
+# floor, the channel, the payload around its offset, its id and its topic. Exact
+# subscriptions listen on the sharded channel where Redis has them; patterns
+# (wildcard subscriptions) only see PUBLISH. Answers {1, offsets} or, for a Once key
+# seen before, {0, what its first publish stored}.
 _PUBLISH = """
 local cap = ARGV[1]
 local sharded = ARGV[2] == '1'
+local once = ARGV[3] ~= ''
+local count = #KEYS / 2
+if once then
+  count = (#KEYS - 1) / 2
+  local prior = redis.call('GET', KEYS[#KEYS])
+  if prior then return {0, prior} end
+end
 local offsets = {}
-for i = 1, #KEYS / 2 do
-  local arg = 3 + (i - 1) * 4
+local stored = {}
+for i = 1, count do
+  local arg = 5 + (i - 1) * 6
   local offset = redis.call('INCR', KEYS[2 * i - 1])
   local floor = tonumber(ARGV[arg])
   if offset <= floor then
@@ -78,8 +98,13 @@ for i = 1, #KEYS / 2 do
   end
   redis.call('PUBLISH', ARGV[arg + 1], payload)
   offsets[i] = offset
+  stored[i] = {ARGV[arg + 4], ARGV[arg + 5], offset}
 end
-return offsets
+if once then
+  local record = cjson.encode({f = ARGV[3], e = stored})
+  redis.call('SET', KEYS[#KEYS], record, 'PX', ARGV[4])
+end
+return {1, offsets}
 """
 
 # KEYS[1]: a topic's seq key. ARGV[1]: an offset the topic is known to have reached.
@@ -248,7 +273,8 @@ class RedisBackend(StateBackend):
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._redis is not None:
-            await self._redis.aclose()
+            # The pool was made here, so the client does not close it by itself.
+            await self._redis.aclose(close_connection_pool=True)
 
     def is_ready(self) -> bool:
         # Not ready either while subscriptions wait to be made again.
@@ -265,10 +291,16 @@ class RedisBackend(StateBackend):
 
     # Publishing and history
 
-    async def publish(self, drafts: Sequence[Draft], *, max_bytes: int) -> list[Event]:
+    async def publish(
+        self, drafts: Sequence[Draft], *, max_bytes: int, once: Once | None = None
+    ) -> list[Event]:
         encoded = [encode(draft, max_bytes=max_bytes) for draft in drafts]
         keys: list[str] = []
         args: list[Any] = [self._history_size, "1" if self._sharded else "0"]
+        # A fingerprint is never empty in the script: empty means no Once.
+        args += (
+            [f"={once.fingerprint}", max(1, int(once.ttl * 1000))] if once else ["", 0]
+        )
         for item in encoded:
             keys += [self._key(item.topic, "seq"), self._key(item.topic, "history")]
             args += [
@@ -276,16 +308,30 @@ class RedisBackend(StateBackend):
                 self._key(item.topic, "events"),
                 item.head,
                 item.tail,
+                item.id,
+                item.topic,
             ]
+        if once is not None:
+            keys.append(f"{self._prefix}once:{once.key}")
         try:
-            offsets = await self._publish_script(keys=keys, args=args)
+            fresh, answer = await self._publish_script(keys=keys, args=args)
         except RedisError as exc:
             self._set_ready(False, exc)
-            raise Unavailable("redis unavailable; events not accepted") from exc
+            # A timeout may come after the script ran: say so, the publisher
+            # decides whether to retry (with Once, a retry is safe).
+            raise Unavailable(
+                "redis unavailable; the events were not accepted, or their "
+                "answer was lost"
+            ) from exc
+        self._set_ready(True)
+        if not fresh:
+            record = orjson.loads(answer)
+            refs = [EventRef(str(i), str(t), int(o)) for i, t, o in record["e"]]
+            raise AlreadyPublished(refs, str(record["f"])[1:])
+        offsets = answer
         events = [
             item.with_offset(int(n)) for item, n in zip(encoded, offsets, strict=True)
         ]
-        self._set_ready(True)
         for event in events:
             self._raise_floor(event.topic, event.offset)
         return events
