@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from gateway.ingress.http import error_response, routes
 from gateway.ingress.jobs import routes as job_routes
+from gateway.ingress.openapi import routes as openapi_routes
 from gateway.ingress.page import routes as page_routes
 from gateway.ingress.polling import routes as polling_routes
 from gateway.ingress.webhooks import WebhookReceiver
@@ -64,7 +65,14 @@ def create_app(runtime: Runtime) -> Starlette:
             await runtime.close()
 
     return Starlette(
-        routes=[*routes, *job_routes, *polling_routes, *webhook_routes, *page_routes],
+        routes=[
+            *routes,
+            *job_routes,
+            *polling_routes,
+            *webhook_routes,
+            *page_routes,
+            *openapi_routes,
+        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )

@@ -229,8 +229,16 @@ async def cancel_job(request: Request) -> Response:
     )
 
 
+async def job_resource(request: Request) -> Response:
+    """GET or DELETE /jobs/{id}: the job's state, or cancelling it."""
+    if request.method == "DELETE":
+        return await cancel_job(request)
+    return await job_status(request)
+
+
 routes = [
     Route("/jobs", submit_job, methods=["POST"]),
-    Route("/jobs/{job_id}", job_status, methods=["GET"]),
-    Route("/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    # One route for both methods: a 405 names the methods of the first route
+    # whose path matches, and its Allow header must list them all.
+    Route("/jobs/{job_id}", job_resource, methods=["GET", "DELETE"]),
 ]

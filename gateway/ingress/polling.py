@@ -40,13 +40,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_LIMIT = 100
 #: Most events in one answer.
 MAX_LIMIT = 1000
+#: Longest ``since`` or ``limit`` read, in digits; 2**63 has 19.
+_MAX_DIGITS = 32
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isdigit alone also takes digits that int() refuses, such as '²', and
+    # int() refuses thousands of digits: each would crash the handler.
+    if (
+        not raw.isascii()
+        or not raw.isdigit()
+        or len(raw) > _MAX_DIGITS
+        or not low <= int(raw) <= high
+    ):
         raise BadRequest(f"{name}: expected an integer from {low} to {high}")
     return int(raw)
 
