@@ -59,7 +59,6 @@ def create_app(runtime: Runtime) -> Starlette:
             try:
                 yield {"gateway": runtime, "jobs": jobs, "webhooks": webhooks}
             finally:
-                await webhooks.close()
                 await jobs.close()
         finally:
             await runtime.close()

@@ -8,6 +8,7 @@ the variable, which wins over the default. The README's settings table lists the
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any, Literal
 
@@ -201,6 +202,13 @@ class Settings(BaseSettings):
         description="Outbound bytes queued for one slow client before it is "
         "closed with 1013.",
     )
+    idempotency_ttl: float = Field(
+        86400.0,
+        ge=1.0,
+        description="Seconds an Idempotency-Key of POST /events is remembered, so "
+        "that a retried publish is answered with its first events rather than "
+        "stored again.",
+    )
     history_size: int = Field(1000, ge=1, description="Events kept per topic.")
     max_backlog: int = Field(
         10_000,
@@ -313,6 +321,30 @@ class Settings(BaseSettings):
             raise ValueError("an API key needs at least 8 characters")
         return value
 
+    @field_validator("anonymous_read")
+    @classmethod
+    def _anonymous_read_filters(cls, value: str) -> str:
+        from gateway.errors import BadTopic
+        from gateway.events.topics import validate_filter
+
+        for topic_filter in (f.strip() for f in value.split(",")):
+            if topic_filter:
+                try:
+                    validate_filter(topic_filter)
+                except BadTopic as exc:
+                    raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_valid(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",")):
+            if origin and origin != "*" and not _ORIGIN.fullmatch(origin.rstrip("/")):
+                raise ValueError(
+                    f"{origin!r} is not an origin such as https://example.com:8443"
+                )
+        return value
+
     @field_validator("keys_file")
     @classmethod
     def _keys_file_valid(cls, value: str | None) -> str | None:
@@ -369,6 +401,8 @@ class Settings(BaseSettings):
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+#: What a browser sends as Origin: a scheme, a host and maybe a port, nothing else.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
 
 
 def without_credentials(url: str) -> str:

@@ -17,7 +17,7 @@ from gateway.metrics import Metrics
 from gateway.security.access import SubscriberAccess
 from gateway.security.keys import KeyRing
 from gateway.security.limits import ConnectionLimits
-from gateway.state.base import StateBackend
+from gateway.state.base import Once, StateBackend
 from gateway.transports.mqtt import MqttBridge, parse_qos_rules
 
 __all__ = ["Runtime"]
@@ -107,14 +107,21 @@ class Runtime:
 
         task.add_done_callback(done)
 
-    async def publish(self, drafts: Sequence[Draft]) -> list[Event]:
+    async def publish(
+        self, drafts: Sequence[Draft], *, once: Once | None = None
+    ) -> list[Event]:
         """Stamp, store and deliver a batch of events; see ``StateBackend.publish``.
 
         Raises:
+            AlreadyPublished: ``once`` names a key used before; nothing stored.
             Unavailable: the fan-out backlog is full or the backend is down;
-                nothing was stored.
+                nothing was stored (unless the backend's answer was lost).
         """
-        if len(self._backlog) >= self.settings.max_backlog:
+        # A batch that would take the backlog past its cap waits for room, but
+        # one into an empty backlog is taken whatever its size, or a batch over
+        # the cap could never be published.
+        waiting = len(self._backlog)
+        if waiting and waiting + len(drafts) > self.settings.max_backlog:
             if not self._backlog_full:
                 self._backlog_full = True
                 logger.warning(
@@ -126,7 +133,7 @@ class Runtime:
             )
         self._backlog_full = False
         events = await self.backend.publish(
-            drafts, max_bytes=self.settings.max_event_bytes
+            drafts, max_bytes=self.settings.max_event_bytes, once=once
         )
         self.metrics.events_in.inc(len(events))
         # Only the replica that accepted an event publishes it to the broker,

@@ -68,8 +68,8 @@ class SilentProxy:
 
     Once ``go_silent`` is called, no byte passes in either direction and no FIN or
     RST is sent: to both ends the peer looks like it vanished behind a firewall.
-    ``drop_replies`` stops only what the upstream sends back on the connections
-    open then, so requests still arrive but their answers are lost.
+    Between ``drop_replies`` and ``pass_replies`` what the upstream sends back is
+    thrown away, on every connection: requests still arrive, their answers are lost.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -77,7 +77,7 @@ class SilentProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
-        self._reply_pumps: set[asyncio.Task[None]] = set()
+        self._replies_dropped = False
         self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
@@ -91,25 +91,31 @@ class SilentProxy:
             "127.0.0.1", self.upstream_port
         )
         self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink))
+        for source, sink, replies in (
+            (reader, up_writer, False),
+            (up_reader, writer, True),
+        ):
+            task = asyncio.create_task(self._pump(source, sink, replies))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
-            if source is up_reader:
-                self._reply_pumps.add(task)
-                task.add_done_callback(self._reply_pumps.discard)
 
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, replies: bool
+    ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await source.read(65536):
+                if replies and self._replies_dropped:
+                    continue
                 sink.write(data)
                 await sink.drain()
 
     def drop_replies(self) -> None:
-        """Stop forwarding answers on the open connections; requests still pass."""
-        for task in list(self._reply_pumps):
-            task.cancel()
+        """Throw away the upstream's answers from now on; requests still pass."""
+        self._replies_dropped = True
+
+    def pass_replies(self) -> None:
+        """Forward the upstream's answers again."""
+        self._replies_dropped = False
 
     def go_silent(self) -> None:
         """Stop forwarding; keep every socket open."""

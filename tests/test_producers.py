@@ -36,7 +36,7 @@ from support import (
 )
 from test_mqtt import Listener, wait_connected
 
-from gateway.ingress.webhooks import MemoryDedupeStore, WebhookReceiver
+from gateway.ingress.webhooks import WebhookReceiver
 from producers._delivery import DeliveryError, backoff_delays
 from producers.fixtures import WebhookSender, load_match, signed_headers
 from producers.stocks import default_prices_path, load_prices, price_event
@@ -134,9 +134,7 @@ def test_match_file_holds_the_final_in_order() -> None:
 
 def test_producer_signature_is_what_the_gateway_verifies() -> None:
     """Headers made by the producer pass the gateway's check; a changed body fails."""
-    receiver = WebhookReceiver(
-        lambda: [SECRET.encode()], tolerance=300, store=MemoryDedupeStore(ttl=60)
-    )
+    receiver = WebhookReceiver(lambda: [SECRET.encode()], tolerance=300)
     body = b'{"id": "x"}'
     receiver.verify(signed_headers(SECRET.encode(), body), body)
     with pytest.raises(Exception, match="does not match"):

@@ -229,3 +229,37 @@ def test_redis_glob_covers_the_filter(topic_filter: str, pattern: str) -> None:
     for topic in ("stocks/AAPL", "a", "a/b/c", "q/x/z"):
         if filter_matches(topic_filter, topic):
             assert fnmatch.fnmatchcase(topic, pattern), topic
+
+
+@pytest.mark.parametrize(
+    ("given", "flag", "words"),
+    [
+        ({"anonymous_read": "stocks/#,a/b+"}, "--anonymous-read", "'b+'"),
+        ({"allowed_origins": "https://ok.example,evil"}, "--allowed-origins", "'evil'"),
+        ({"allowed_origins": "https://a.example/path"}, "--allowed-origins", "path"),
+        ({"max_frame_bytes": 10}, "--max-frame-bytes", "1024"),
+        ({"jwt_secret": "short"}, "--jwt-secret", "32"),
+    ],
+)
+def test_invalid_settings_name_their_flag_and_variable(
+    given: dict[str, object], flag: str, words: str
+) -> None:
+    """A bad value is refused at start with a message naming flag and variable."""
+    from gateway.config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as refused:
+        load_settings(**given)
+    message = str(refused.value)
+    variable = "GATEWAY_" + flag[2:].replace("-", "_").upper()
+    assert f"{flag} / {variable}" in message and words in message, message
+
+
+def test_origins_and_filters_that_are_valid_are_taken() -> None:
+    """Lists of valid origins (a trailing slash tolerated, * for any) and filters."""
+    from gateway.config import load_settings
+
+    settings = load_settings(
+        allowed_origins="https://fans.example, http://localhost:3000/, *",
+        anonymous_read="stocks/#, teams/+ ,",
+    )
+    assert settings.anonymous_read == "stocks/#, teams/+ ,"

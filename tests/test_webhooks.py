@@ -24,7 +24,6 @@ from support import (
 from gateway.errors import BadRequest, Unauthorized
 from gateway.ingress import webhooks
 from gateway.ingress.webhooks import (
-    MemoryDedupeStore,
     WebhookReceiver,
     parse_fixture_event,
 )
@@ -172,9 +171,7 @@ def test_c13_signatures_are_compared_in_constant_time(
         return real(a, b)
 
     monkeypatch.setattr(webhooks.hmac, "compare_digest", spy)
-    receiver = WebhookReceiver(
-        lambda: [SECRET.encode()], tolerance=300, store=MemoryDedupeStore(ttl=60)
-    )
+    receiver = WebhookReceiver(lambda: [SECRET.encode()], tolerance=300)
     body = orjson.dumps(payload())
     receiver.verify(sign(body), body)
     with pytest.raises(Unauthorized):
@@ -214,22 +211,6 @@ def test_malformed_payloads_name_the_field(change: dict[str, Any], field: str) -
     with pytest.raises(BadRequest) as caught:
         parse_fixture_event(orjson.dumps(item))
     assert field in str(caught.value)
-
-
-async def test_memory_dedupe_store_forgets_after_its_ttl() -> None:
-    """An id is a repeat until its TTL ends, and new again once released."""
-    now = [0.0]
-    store = MemoryDedupeStore(ttl=10, max_entries=2, clock=lambda: now[0])
-    assert await store.claim("a") is True
-    assert await store.claim("a") is False
-    now[0] = 10.5
-    assert await store.claim("a") is True
-    await store.release("a")
-    assert await store.claim("a") is True
-    assert await store.claim("b") is True
-    assert await store.claim("c") is True
-    # Past two entries the oldest, "a", was forgotten early.
-    assert await store.claim("a") is True
 
 
 async def test_bad_payload_gets_400_and_publishes_nothing(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +23,7 @@ from gateway.errors import (
 from gateway.events.envelope import parse_drafts
 from gateway.runtime import Runtime
 from gateway.security.keys import Principal
+from gateway.state.base import AlreadyPublished, Once
 
 __all__ = ["error_response", "routes"]
 
@@ -29,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: Seconds a publisher has to send its whole body; a stalled upload is refused
 #: before it can hold a graceful shutdown up.
 _BODY_TIMEOUT = 5.0
+#: The header that makes a publish happen at most once, and what it may hold.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:=+/-]{1,128}")
 
 
 def error_response(
@@ -90,7 +96,10 @@ async def publish(request: Request) -> Response:
         )
         # A batch is all or nothing: one topic out of the key's scope refuses it.
         principal.check_publish(draft.topic for draft in drafts)
-        events = await runtime.publish(drafts)
+        once = _once(request, principal, body, settings.idempotency_ttl)
+        events = await runtime.publish(drafts, once=once)
+    except AlreadyPublished as repeat:
+        return _repeated(runtime, repeat, once)
     except ClientDisconnect:
         # The publisher left before sending its whole body: nothing to answer.
         logger.debug("publisher disconnected before its body was complete")
@@ -115,6 +124,50 @@ async def publish(request: Request) -> Response:
             ]
         }
     )
+
+
+def _once(
+    request: Request, principal: Principal, body: bytes, ttl: float
+) -> Once | None:
+    """The ``Once`` of a publish that carries an ``Idempotency-Key``, else None.
+
+    Raises:
+        BadRequest: the key is empty, too long or holds other characters.
+    """
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest(
+            f"{IDEMPOTENCY_HEADER}: expected 1 to 128 of A-Z a-z 0-9 _ . : = + / -",
+            code="bad_idempotency_key",
+        )
+    # Keys are per publish key, so that two publishers cannot collide.
+    fingerprint = hashlib.sha256(body).hexdigest()
+    return Once(f"publish:{principal.name}:{key}", fingerprint, ttl)
+
+
+def _repeated(
+    runtime: Runtime, repeat: AlreadyPublished, once: Once | None
+) -> Response:
+    """The answer to a publish whose idempotency key was used before."""
+    assert once is not None
+    if repeat.fingerprint != once.fingerprint:
+        logger.debug("publish refused: idempotency key reused for another body")
+        runtime.metrics.client_errors.labels("idempotency_key_reused").inc()
+        return error_response(
+            422,
+            "idempotency_key_reused",
+            f"this {IDEMPOTENCY_HEADER} was used for another body; use a new key "
+            "for a new publish",
+        )
+    body = {
+        "events": [
+            {"id": ref.id, "topic": ref.topic, "offset": ref.offset}
+            for ref in repeat.events
+        ]
+    }
+    return JSONResponse(body, headers={"Idempotent-Replayed": "true"})
 
 
 async def healthz(request: Request) -> Response:

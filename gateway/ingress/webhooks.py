@@ -9,27 +9,24 @@ the keys file's ``webhook_secrets``; every one listed is valid, for rotation)::
 The signature covers the exact bytes of the body, so the gateway checks it before
 decoding anything, and the timestamp, so a captured delivery cannot be replayed once
 it is older than ``webhook_tolerance``. Each payload carries an event id; a repeated
-delivery of an id already accepted is acknowledged without being published again.
+delivery of an id already accepted is acknowledged without being published again
+(the state backend remembers the id with the events, see ``Once``).
 The scheme and the payload are described in ``docs/webhooks.md``.
 """
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import hmac
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -39,14 +36,12 @@ from gateway.errors import BadRequest, ClientError, Unauthorized, Unavailable
 from gateway.events.envelope import Draft
 from gateway.ingress.http import _read_body, error_response
 from gateway.runtime import Runtime
+from gateway.state.base import AlreadyPublished, Once
 
 __all__ = [
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
-    "DedupeStore",
     "FixtureEvent",
-    "MemoryDedupeStore",
-    "RedisDedupeStore",
     "WebhookReceiver",
     "parse_fixture_event",
     "routes",
@@ -62,8 +57,6 @@ FIXTURES_SOURCE = "fixtures-webhook"
 
 #: Largest webhook body, in bytes; a key event is a few hundred.
 _MAX_BODY = 64 * 1024
-#: Ids remembered at most by the in-memory store; the oldest go first past this.
-_MAX_REMEMBERED = 100_000
 
 _EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _EVENT_TYPE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
@@ -80,113 +73,6 @@ def signature(secret: bytes, timestamp: str, body: bytes) -> str:
     """The hex HMAC-SHA256 of ``timestamp``, a dot and ``body`` under ``secret``."""
     message = timestamp.encode() + b"." + body
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-# Remembering event ids.
-
-
-class DedupeStore(abc.ABC):
-    """Remembers the event ids already accepted, each for a fixed time.
-
-    ``claim`` is atomic: of two deliveries of one id racing each other, on one
-    replica or on several, exactly one claims it.
-    """
-
-    @abc.abstractmethod
-    async def claim(self, key: str) -> bool:
-        """Remember ``key``; tell whether it was new.
-
-        Raises:
-            Unavailable: the store cannot be reached; nothing was remembered.
-        """
-
-    @abc.abstractmethod
-    async def release(self, key: str) -> None:
-        """Forget ``key``, so that a retry of a delivery that failed is taken."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Release connections; the store is not used afterwards."""
-
-
-class MemoryDedupeStore(DedupeStore):
-    """Event ids in this process, for the in-memory backend's one replica.
-
-    Args:
-        ttl: seconds an id is remembered.
-        max_entries: ids kept at most; past this the oldest is forgotten early.
-        clock: the monotonic clock, in seconds.
-    """
-
-    def __init__(
-        self,
-        *,
-        ttl: float,
-        max_entries: int = _MAX_REMEMBERED,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._ttl = ttl
-        self._max_entries = max_entries
-        self._clock = clock
-        # Id to the time it is forgotten. Every id lives as long, so insertion
-        # order is also expiry order and purging looks at the front only.
-        self._expiries: OrderedDict[str, float] = OrderedDict()
-
-    async def claim(self, key: str) -> bool:
-        now = self._clock()
-        while self._expiries:
-            oldest, expiry = next(iter(self._expiries.items()))
-            if expiry > now:
-                break
-            del self._expiries[oldest]
-        if key in self._expiries:
-            return False
-        self._expiries[key] = now + self._ttl
-        if len(self._expiries) > self._max_entries:
-            self._expiries.popitem(last=False)
-        return True
-
-    async def release(self, key: str) -> None:
-        self._expiries.pop(key, None)
-
-    async def close(self) -> None:
-        self._expiries.clear()
-
-
-class RedisDedupeStore(DedupeStore):
-    """Event ids in Redis (``SET NX PX``), shared by every replica.
-
-    Args:
-        url: the Redis URL.
-        prefix: put before every key.
-        ttl: seconds an id is remembered.
-    """
-
-    def __init__(self, url: str, *, prefix: str, ttl: float) -> None:
-        self._redis = aioredis.Redis.from_url(url)
-        self._prefix = f"{prefix}webhooks:"
-        self._ttl_ms = max(1, round(ttl * 1000))
-
-    async def claim(self, key: str) -> bool:
-        try:
-            created = await self._redis.set(
-                self._prefix + key, b"1", nx=True, px=self._ttl_ms
-            )
-        except RedisError as exc:
-            raise Unavailable("redis unavailable; webhook not accepted") from exc
-        return bool(created)
-
-    async def release(self, key: str) -> None:
-        try:
-            await self._redis.delete(self._prefix + key)
-        except RedisError:
-            # The id stays claimed until its TTL ends; the sender's retries are
-            # then acknowledged as repeats, and the operator sees the outage in
-            # the backend's own warnings.
-            logger.warning("could not forget webhook id %s", key, exc_info=True)
-
-    async def close(self) -> None:
-        await self._redis.aclose()
 
 
 # Verifying and decoding deliveries.
@@ -229,7 +115,7 @@ class WebhookReceiver:
         secrets: gives the secrets a delivery may be signed with now (several
             during a rotation); none turns the webhook off.
         tolerance: seconds a timestamp may differ from ``clock``.
-        store: where accepted event ids are remembered.
+        remember: seconds an accepted event id is remembered.
         clock: wall clock, in seconds since the epoch.
     """
 
@@ -238,43 +124,30 @@ class WebhookReceiver:
         secrets: Callable[[], Sequence[bytes]],
         *,
         tolerance: float,
-        store: DedupeStore,
+        remember: float = 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.secrets = secrets
         self.tolerance = tolerance
-        self.store = store
+        self.remember = remember
         self._clock = clock
 
     @classmethod
     def from_settings(
         cls, settings: Settings, secrets: Callable[[], Sequence[bytes]]
     ) -> WebhookReceiver:
-        """The receiver, with a dedupe store next to the state backend.
+        """The receiver the settings describe.
 
         Args:
             settings: the gateway's settings.
             secrets: the signing secrets in force (the key ring's, which follows
                 ``--webhook-secret`` and the keys file).
         """
-        store: DedupeStore
-        if settings.redis_url is None:
-            store = MemoryDedupeStore(ttl=settings.webhook_dedupe_ttl)
-        else:
-            store = RedisDedupeStore(
-                settings.redis_url,
-                prefix=settings.redis_prefix,
-                ttl=settings.webhook_dedupe_ttl,
-            )
         return cls(
             secrets,
             tolerance=settings.webhook_tolerance,
-            store=store,
+            remember=settings.webhook_dedupe_ttl,
         )
-
-    async def close(self) -> None:
-        """Release the dedupe store."""
-        await self.store.close()
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Check the delivery's timestamp and signature over the exact ``body``.
@@ -451,16 +324,15 @@ async def fixtures_webhook(request: Request) -> Response:
 async def _accept(
     runtime: Runtime, receiver: WebhookReceiver, fixture_event: FixtureEvent
 ) -> Response:
-    key = f"fixtures:{fixture_event.id}"
-    if not await receiver.store.claim(key):
+    # The id is checked and remembered in the same step that stores the events,
+    # so a repeat is refused on any replica, and a retry after an answer lost
+    # to a Redis outage finds the id taken rather than publishing twice.
+    once = Once(f"webhooks:fixtures:{fixture_event.id}", "", receiver.remember)
+    try:
+        events = await runtime.publish(fixture_event.drafts(), once=once)
+    except AlreadyPublished:
         logger.debug("webhook %s repeated; not published again", fixture_event.id)
         return JSONResponse({"eventId": fixture_event.id, "duplicate": True})
-    try:
-        events = await runtime.publish(fixture_event.drafts())
-    except Exception:
-        # Not published: the sender's retry must be taken, not called a repeat.
-        await receiver.store.release(key)
-        raise
     logger.debug(
         "webhook %s published as %s on %s",
         fixture_event.id,

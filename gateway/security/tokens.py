@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from gateway.errors import Unauthorized
+from gateway.errors import BadTopic, Unauthorized
+from gateway.events.topics import validate_filter
 from gateway.security.permissions import ReadRights
 
 __all__ = ["Grant", "TokenVerifier"]
@@ -102,6 +103,13 @@ class TokenVerifier:
             topics = topics.split(",")
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise Unauthorized("the token's 'topics' must list topic filters")
+        for topic_filter in (t.strip() for t in topics):
+            try:
+                validate_filter(topic_filter)
+            except BadTopic as exc:
+                # A right that breaks the grammar would never match; the issuer
+                # made a mistake that it should hear of rather than have ignored.
+                raise Unauthorized(f"the token's 'topics': {exc}") from exc
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("the token has no 'sub'")
