@@ -14,6 +14,7 @@ import csv
 import importlib.metadata
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -163,12 +164,13 @@ class _Publisher:
             DeliveryError: refused, or still failing after every retry.
         """
         delays = backoff_delays(self.retries, base=0.2, cap=5.0)
+        # One key for every attempt of this batch: a retry after an answer that
+        # was lost (a timeout, a 503 while Redis froze) is not stored twice.
+        headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
         attempt = 0
         while True:
             try:
-                response = await self.client.post(
-                    self.url, json=items, headers=self.headers
-                )
+                response = await self.client.post(self.url, json=items, headers=headers)
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
