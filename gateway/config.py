@@ -172,6 +172,18 @@ class Settings(BaseSettings):
         description="Largest WebSocket message a client may send; larger ones "
         "close the connection with 1009.",
     )
+    max_header_bytes: int = Field(
+        65536,
+        ge=4096,
+        description="Largest HTTP request line and headers, WebSocket upgrades "
+        "included; larger ones get 431 before they are read whole.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has from the first byte of a request to the "
+        "end of its headers; slower ones get 408.",
+    )
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest POST /events body (413 above)."
     )

@@ -18,6 +18,7 @@ from gateway.runtime import Runtime
 from gateway.state.base import StateBackend
 from gateway.state.memory import MemoryBackend
 from gateway.state.redis import RedisBackend
+from gateway.transports.http import GatewayHttpProtocol, quiet_bad_requests
 from gateway.transports.websocket import WebSocketProtocol
 
 __all__ = ["GatewayServer", "build_server"]
@@ -130,6 +131,7 @@ def build_server(settings: Settings) -> GatewayServer:
         settings.loggable(),
         limit,
     )
+    quiet_bad_requests()
     runtime = Runtime(settings, make_backend(settings))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     config = uvicorn.Config(
@@ -137,7 +139,7 @@ def build_server(settings: Settings) -> GatewayServer:
         host=settings.host,
         port=settings.port,
         loop=loop,
-        http="httptools",
+        http=GatewayHttpProtocol,
         ws=WebSocketProtocol,
         lifespan="on",
         log_config=None,

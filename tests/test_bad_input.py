@@ -680,3 +680,112 @@ async def test_hostile_messages_get_errors_and_leave_peers_and_memory_alone(
     assert (deep.status_code, deep.json()["error"]["code"]) == (400, "bad_json")
     assert grown < 20 * 1024 * 1024, grown
     assert_no_error_logged(gateway)
+
+
+# Request heads: too large, too slow, malformed.
+
+
+async def _raw_request(port: int, head: bytes) -> bytes:
+    """Send ``head`` on a new connection; return everything until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout(15))
+    finally:
+        writer.close()
+
+
+async def test_streamed_header_is_refused_431_and_memory_holds(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """A header streamed without end gets a JSON 431 once the head passes the
+    limit, on HTTP and on a WebSocket upgrade; memory barely moves and /healthz
+    answers meanwhile."""
+    with running_gateway(tmp_path, max_header_bytes=16384) as gateway:
+        before = gateway.rss_bytes()
+
+        async def stream(path: str, upgrade: bool) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            head = f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode()
+            if upgrade:
+                head += b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            writer.write(head + b"X-Big: ")
+            try:
+                # Up to 50 MB, unless the gateway answers and closes first.
+                for _ in range(800):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            try:
+                return await asyncio.wait_for(reader.read(), timeout(10))
+            except ConnectionError:
+                return b""
+            finally:
+                writer.close()
+
+        answers = await asyncio.gather(
+            stream("/healthz", False), stream("/ws", True), stream("/events", False)
+        )
+        health = await http.get(f"{gateway.http_url}/healthz")
+        grown = gateway.rss_bytes() - before
+        assert_no_error_logged(gateway)
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b'"code":"too_large"' in answer and b"16384" in answer
+    assert health.status_code == 200
+    assert grown < 10 * 1024 * 1024, grown
+
+
+async def test_slow_head_gets_408_and_malformed_http_a_json_400(
+    tmp_path: Path,
+) -> None:
+    """A head not finished within --header-timeout gets 408; malformed HTTP gets
+    a JSON 400 logged at DEBUG only; an idle keep-alive connection is not hurt."""
+    with running_gateway(tmp_path, header_timeout=1) as gateway:
+        started = asyncio.get_running_loop().time()
+        slow = await _raw_request(gateway.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        waited = asyncio.get_running_loop().time() - started
+        malformed = await _raw_request(gateway.port, b"GARBAGE \x00\x01\r\n\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        await asyncio.sleep(1.5)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        kept = await asyncio.wait_for(reader.read(), timeout(5))
+        writer.close()
+        log = gateway.log()
+        assert_no_error_logged(gateway)
+    assert slow.startswith(b"HTTP/1.1 408 ") and b'"header_timeout"' in slow
+    assert 0.9 < waited < timeout(5), waited
+    assert malformed.startswith(b"HTTP/1.1 400 ") and b'"bad_http"' in malformed
+    assert kept.startswith(b"HTTP/1.1 200 "), kept[:100]
+    assert "Invalid HTTP request" not in log and "WARNING" not in log
+
+
+async def test_malformed_upgrades_get_json_refusals(tmp_path: Path) -> None:
+    """An upgrade with a bad version, no key or a malformed key is refused with
+    the status websockets gives and the gateway's JSON body naming the header."""
+    upgrade = (
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    )
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    cases = {
+        "version 8": key + "Sec-WebSocket-Version: 8\r\n",
+        "no key": "Sec-WebSocket-Version: 13\r\n",
+        "short key": "Sec-WebSocket-Key: abc\r\nSec-WebSocket-Version: 13\r\n",
+    }
+    with running_gateway(tmp_path) as gateway:
+        answers = {
+            name: await _raw_request(
+                gateway.port, (upgrade + headers + "\r\n").encode()
+            )
+            for name, headers in cases.items()
+        }
+        assert_no_error_logged(gateway)
+    for name, answer in answers.items():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"400", b"426"), (name, head)
+        assert b"content-type: application/json" in head.lower(), (name, head)
+        error = orjson.loads(body)["error"]
+        assert error["code"] == "bad_handshake", (name, error)
+        assert "Sec-WebSocket" in error["message"], (name, error)

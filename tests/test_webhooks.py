@@ -179,6 +179,18 @@ def test_c13_signatures_are_compared_in_constant_time(
     assert len(calls) == 2
 
 
+def test_a_timestamp_out_of_tolerance_says_which_way() -> None:
+    """A timestamp too far ahead or behind is refused, saying which and by how much."""
+    receiver = WebhookReceiver(
+        lambda: [SECRET.encode()], tolerance=300, clock=lambda: 1e9
+    )
+    body = orjson.dumps(payload())
+    with pytest.raises(Unauthorized, match="600 s ahead of the gateway's clock"):
+        receiver.verify(sign(body, at=1e9 + 600), body)
+    with pytest.raises(Unauthorized, match="600 s behind the gateway's clock"):
+        receiver.verify(sign(body, at=1e9 - 600), body)
+
+
 # Payloads, repeats and settings.
 
 

@@ -163,9 +163,10 @@ class WebhookReceiver:
             raise Unauthorized(f"{TIMESTAMP_HEADER}: expected Unix seconds")
         age = self._clock() - int(timestamp)
         if abs(age) > self.tolerance:
+            side = "behind" if age > 0 else "ahead of"
             raise Unauthorized(
-                f"{TIMESTAMP_HEADER} is {age:.0f} s from the gateway's clock, "
-                f"over the tolerance of {self.tolerance:.0f} s"
+                f"{TIMESTAMP_HEADER} is {abs(age):.0f} s {side} the gateway's "
+                f"clock, over the tolerance of {self.tolerance:.0f} s"
             )
         given = _signatures(headers.get(SIGNATURE_HEADER))
         expected = [signature(s, timestamp, body).encode() for s in self.secrets()]

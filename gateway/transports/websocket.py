@@ -318,6 +318,15 @@ class WebSocketProtocol(asyncio.Protocol):
             # No extensions are offered back: events are sent uncompressed so that
             # one encoded frame serves every subscriber (docs/protocol.md).
             response = conn.accept(request)
+            if response.status_code != 101:
+                # A malformed upgrade (a bad version or key): the core's answer,
+                # with its reason in the gateway's JSON body instead of text.
+                reason = response.body.decode(errors="replace").strip()
+                reason = reason.removeprefix("Failed to open a WebSocket connection: ")
+                self.runtime.metrics.refused_connections.labels("bad_handshake").inc()
+                response = _json_refusal(
+                    conn, response.status_code, "bad_handshake", reason
+                )
         response.headers["Server"] = _SERVER_HEADER
         conn.send_response(response)
         if response.status_code != 101:
@@ -673,7 +682,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 "authenticated",
                 subject=grant.subject,
                 expiresAt=grant.expires_at,
-                dropped=dropped or None,
+                dropped=dropped,
                 ref=operation.ref,
             )
         )
