@@ -188,6 +188,8 @@ class Subscriber(abc.ABC):
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connections = 0
+        # Why the last connection attempt ended, told if subscribing times out.
+        self._last_failure: str | None = None
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._run_forever())
@@ -208,7 +210,8 @@ class Subscriber(abc.ABC):
             raise SubscribeError("the client stopped before subscribing")
         if not done:
             await self.close()
-            raise TimeoutError(f"not subscribed within {self.connect_timeout} s")
+            why = f": {self._last_failure}" if self._last_failure else ""
+            raise TimeoutError(f"not subscribed within {self.connect_timeout} s{why}")
         return self
 
     async def __aexit__(
@@ -250,6 +253,7 @@ class Subscriber(abc.ABC):
                 self._queue.put_nowait(exc)
                 return
             except (OSError, TimeoutError, _Retry) as exc:
+                self._last_failure = str(exc) or type(exc).__name__
                 logger.debug("%s: connection ended: %s", type(self).__name__, exc)
             except Exception as exc:
                 # A bug or a message this client cannot read: retrying would

@@ -297,3 +297,17 @@ async def test_bench_reports_every_strategy(tmp_path: Path) -> None:
     for name in report["plots"]:
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     assert "| latency p50 / p90 ms |" in (out / "report.md").read_text()
+
+
+async def test_unreachable_gateway_is_named_when_subscribing_times_out() -> None:
+    """A subscriber that never reaches the gateway says why in its timeout."""
+    from support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    for subscriber in (
+        WebSocketSubscriber(url, ["stocks/#"], backoff=FAST, connect_timeout=0.5),
+        PollingSubscriber(url, ["stocks/AAPL"], backoff=FAST, connect_timeout=0.5),
+    ):
+        with pytest.raises(TimeoutError, match="not subscribed within 0.5 s: .+"):
+            async with subscriber:
+                pass
