@@ -411,6 +411,14 @@ class Settings(BaseSettings):
         parse_qos_rules(value)
         return value
 
+    @field_validator("job_kinds")
+    @classmethod
+    def _job_kinds_importable(cls, value: str) -> str:
+        from gateway.jobs.kinds import named_kinds
+
+        named_kinds(value)
+        return value
+
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: What a browser sends as Origin: a scheme, a host and maybe a port, nothing else.

@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from services import RedisServer
 from support import (
     API_KEY,
     Gateway,
@@ -27,9 +29,16 @@ from support import (
     ws_client,
 )
 
-from gateway.errors import BadRequest
+from gateway.config import SettingsError, load_settings
+from gateway.errors import BadRequest, Unavailable
+from gateway.events.envelope import Draft, Event
 from gateway.jobs.builtin import DbRefresh, Report
+from gateway.jobs.kinds import load_kinds
+from gateway.jobs.metrics import JobMetrics
 from gateway.jobs.model import Job, JobState
+from gateway.jobs.redis_store import RedisJobStore
+from gateway.jobs.runner import WorkerPool
+from gateway.jobs.store import Lease, LeaseLost, MemoryJobStore, Update
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -338,6 +347,32 @@ async def test_cancel_stops_a_running_job_at_its_next_step(
         assert refused.json()["error"]["code"] == "already_finished"
 
 
+async def test_cancel_ends_a_long_step_within_a_second(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """A job cancelled 1 s into a 450 s step ends cancelled within about a second,
+    in that step: in the gateway's own workers in memory, in a separate worker
+    process with Redis."""
+    settings = {"job_workers": 0} if backend == "redis" else {}
+    with contextlib.ExitStack() as stack:
+        gateway = stack.enter_context(running_gateway(tmp_path, **settings))
+        if backend == "redis":
+            stack.enter_context(running_worker(tmp_path, "worker-cancel"))
+        posted = await submit(http, gateway, durations={"snapshot": 450}, ticks=1)
+        job_id = posted["id"]
+        await follow(http, gateway, job_id, lambda j: j["step"] is not None)
+        url = f"{gateway.http_url}/jobs/{job_id}"
+        asked = time.monotonic()
+        response = await http.delete(url, headers=AUTH)
+        assert response.status_code == 202, response.text
+        last = (await follow(http, gateway, job_id, finished, 5))[-1]
+        elapsed = time.monotonic() - asked
+        assert last["state"] == "cancelled", last
+        assert last["step"]["name"] == "snapshot"
+        assert elapsed < timeout(2), elapsed
+        assert_no_error_logged(gateway)
+
+
 async def test_failures_and_bad_requests(
     tmp_path: Path, backend: str, http: httpx.AsyncClient
 ) -> None:
@@ -508,6 +543,121 @@ async def test_paused_worker_keeps_its_lease_then_loses_its_job(
         assert [e["eventType"] for e in events].count("JOB_SUCCEEDED") == 1
 
 
+# Redis outages, on a Redis of the test's own.
+
+
+def freeze(server: RedisServer) -> None:
+    """Stop the test's Redis with SIGSTOP: it keeps its sockets and answers nothing."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+
+
+def thaw(server: RedisServer) -> None:
+    """Let a frozen Redis run again; it then runs what was sent meanwhile."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGCONT)
+
+
+#: Seconds a freeze lasts: past the job store's 5 s command timeout, so that the
+#: outage is seen, and past the 2 s claim delay of these tests, so that a job
+#: would be taken over if its worker gave it up.
+FREEZE_SECONDS = 7.0
+
+
+@pytest.mark.timeout(120)
+async def test_a_redis_freeze_holds_a_running_job_which_then_carries_on(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Two freezes of Redis under a running job: each is one WARNING line without
+    traceback and no ERROR; the job waits where it is and carries on at its step
+    under its first attempt, its progress never going back, and succeeds."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with running_gateway(
+            tmp_path, redis_url=server.url, job_claim_after=2
+        ) as gateway:
+            posted = await submit(http, gateway, step_seconds=3, ticks=6)
+            job_id = posted["id"]
+            progress = 0
+            for _ in range(2):
+                moved = await follow(
+                    http, gateway, job_id, lambda j, p=progress: j["progress"] > p
+                )
+                progress = moved[-1]["progress"]
+                freeze(server)
+                try:
+                    # Not a synchronisation: the outage lasts this long.
+                    await asyncio.sleep(FREEZE_SECONDS)
+                finally:
+                    thaw(server)
+            last = (await follow(http, gateway, job_id, finished, 30))[-1]
+            events = (
+                await http.get(f"{gateway.http_url}/topics/jobs/{job_id}/events")
+            ).json()["events"]
+        log = gateway.log()
+    finally:
+        server.stop()
+    assert last["state"] == "succeeded", last
+    assert last["attempts"] == 1
+    types = [e["eventType"] for e in events]
+    assert types.count("JOB_STARTED") == 1, types
+    assert types[0] == "JOB_QUEUED"
+    assert {e["eventDetails"]["attempts"] for e in events[1:]} == {1}
+    steps = [e["eventDetails"]["progress"] for e in events]
+    assert steps == sorted(steps), steps
+    assert_no_error_logged(gateway)
+    assert log.count(f"WARNING gateway.jobs.runner: job {job_id} waits") == 2, log
+    assert log.count(f"job {job_id} carries on at step") == 2, log
+    assert "took over job" not in log
+
+
+@pytest.mark.timeout(60)
+async def test_a_submission_refused_during_a_redis_freeze_leaves_nothing(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """POST /jobs while Redis is frozen answers 503; once Redis resumes and runs
+    what was sent meanwhile, no job record and no queue entry is left."""
+    prefix = "freeze:"
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with running_gateway(
+            tmp_path, redis_url=server.url, redis_prefix=prefix, job_workers=0
+        ) as gateway:
+            # A read just before the freeze leaves the job store's connection
+            # fresh, so the POST's first command is written to the socket at
+            # once, without a health check, and Redis runs it when it resumes.
+            assert (await get_job(http, gateway, "C" * 32)).status_code == 404
+            freeze(server)
+            try:
+                refused = await http.post(
+                    f"{gateway.http_url}/jobs",
+                    json={"kind": "db-refresh", "params": {}},
+                    headers=AUTH,
+                )
+            finally:
+                thaw(server)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "unavailable"
+            client = server.client()
+
+            async def nothing_left() -> bool:
+                return not list(client.scan_iter(match=f"{prefix}job:*"))
+
+            # A ticket made by the refused POST may live up to 3 s.
+            await wait_until(nothing_left, 6, "no job key left by the 503")
+            assert client.xlen(f"{prefix}jobs:queue") == 0
+            # Redis is back: submitting works again, record and entry together.
+            accepted = await submit(http, gateway)
+            assert client.xlen(f"{prefix}jobs:queue") == 1
+            assert client.hget(f"{prefix}job:{{{accepted['id']}}}", "state") == (
+                b"queued"
+            )
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(60)
 async def test_burst_of_1000_jobs(
     tmp_path: Path, backend: str, http: httpx.AsyncClient
@@ -603,6 +753,169 @@ def test_db_refresh_parameters_are_bounded() -> None:
             kind.validate(bad)
 
 
+def test_a_job_kind_that_cannot_be_loaded_is_a_usage_error() -> None:
+    """--job-kinds naming a missing module, or something that is not a kind, stops
+    the process at settings load: exit 2, the flag named, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--job-kinds", "nosuch:X"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GATEWAY_MQTT_BROKER": "none"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--job-kinds / GATEWAY_JOB_KINDS" in result.stderr, result.stderr
+    assert "nosuch" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for bad in ("gateway.jobs.builtin:MAX_TICKS", "gateway.jobs.builtin:", "x"):
+        with pytest.raises(SettingsError, match="--job-kinds / GATEWAY_JOB_KINDS"):
+            load_settings(job_kinds=bad)
+    good = "gateway.jobs.builtin:Report, gateway.jobs.builtin:DbRefresh"
+    assert load_settings(job_kinds=good).job_kinds == good
+
+
+async def _redis_store(prefix: str) -> RedisJobStore:
+    store = RedisJobStore(
+        os.environ["GATEWAY_REDIS_URL"], prefix=prefix, consumer="tests", ttl=60
+    )
+    await store.start()
+    return store
+
+
+def _new_job() -> Job:
+    now = time.time()
+    return Job(
+        id=f"{os.urandom(12).hex()}abcdefgh",
+        kind="report",
+        params={},
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def test_a_create_runs_only_while_its_ticket_lives(shared_redis: str) -> None:
+    """The create script writes record and queue entry together, only while the
+    ticket of reserve lives (a lapsed one, here deleted, writes nothing), and a
+    repeated create queues the job once."""
+    store = await _redis_store(shared_redis)
+    try:
+        lapsed = _new_job()
+        await store.reserve(lapsed.id)
+        await store._client().delete(store._ticket_key(lapsed.id))
+        with pytest.raises(Unavailable, match="not recorded"):
+            await store.create(lapsed)
+        assert await store.get(lapsed.id) is None
+
+        job = _new_job()
+        await store.reserve(job.id)
+        await store.create(job)
+        await store.create(job)
+        recorded = await store.get(job.id)
+        assert recorded is not None and recorded.state is JobState.QUEUED
+        assert [d.job_id for d in await store.take(10, 0.1)] == [job.id]
+    finally:
+        await store.close()
+
+
+async def test_an_expired_lease_goes_back_to_its_run_only(shared_redis: str) -> None:
+    """A lease that expired goes back to its holder on renewal or on a write while
+    the record still shows its run; once another worker started the job, the
+    first holder's renewal and writes are refused."""
+    store = await _redis_store(shared_redis)
+    try:
+        job = _new_job()
+        await store.reserve(job.id)
+        await store.create(job)
+        delivery = (await store.take(1, 0.1))[0]
+        lease = await store.acquire(delivery, 5)
+        assert lease is not None
+        started = {"state": JobState.RUNNING, "attempts": 1}
+        await store.update(job.id, started, lease=lease)
+        lease.attempt = 1
+        lease_key = store._lease_key(job.id)
+
+        await store._client().delete(lease_key)
+        assert await store.renew(lease, 5)
+        assert await store._client().get(lease_key) == lease.token.encode()
+        await store._client().delete(lease_key)
+        update = await store.update(job.id, {"progress": 10}, lease=lease)
+        assert update is not None and update.applied
+
+        await store._client().delete(lease_key)
+        other = await store.acquire(delivery, 5)
+        assert other is not None
+        await store.update(job.id, {"attempts": 2}, lease=other)
+        other.attempt = 2
+        assert not await store.renew(lease, 5)
+        with pytest.raises(LeaseLost):
+            await store.update(job.id, {"progress": 20}, lease=lease)
+        assert await store.renew(other, 5)
+    finally:
+        await store.close()
+
+
+class _LosingStore(MemoryJobStore):
+    """A memory store whose first final write is recorded, its answer then lost."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=60)
+        self.lost = False
+
+    async def update(
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        when: frozenset[JobState] | None = None,
+        lease: Lease | None = None,
+    ) -> Update | None:
+        update = await super().update(job_id, changes, when=when, lease=lease)
+        if "finished_at" in changes and not self.lost:
+            self.lost = True
+            raise Unavailable("redis unavailable for jobs: the answer was lost")
+        return update
+
+
+async def test_a_final_write_whose_answer_was_lost_still_ends_the_job() -> None:
+    """The write that ends a job is recorded but its answer lost: the worker tries
+    again once the store answers, sees its own end recorded and publishes
+    JOB_SUCCEEDED once."""
+    store = _LosingStore()
+    published: list[Draft] = []
+
+    async def publish(drafts: Sequence[Draft]) -> list[Event]:
+        published.extend(drafts)
+        return []
+
+    pool = WorkerPool(
+        store=store,
+        kinds=load_kinds(),
+        publish=publish,
+        metrics=JobMetrics(CollectorRegistry()),
+        concurrency=1,
+        name="tests",
+        claim_after=2,
+    )
+    await store.start()
+    pool.start()
+    try:
+        job = _new_job()
+        await store.create(job.replace(params={"dataset": "debian"}, step_count=4))
+
+        async def ended() -> bool:
+            return any(d.type == "JOB_SUCCEEDED" for d in published)
+
+        await wait_until(ended, 5, "JOB_SUCCEEDED published")
+    finally:
+        await pool.close(1)
+        await store.close()
+    assert store.lost
+    recorded = await store.get(job.id)
+    assert recorded is not None and recorded.state is JobState.SUCCEEDED
+    assert [d.type for d in published].count("JOB_SUCCEEDED") == 1
+    assert [d.type for d in published][-1] == "JOB_SUCCEEDED"
+
+
 async def test_report_summarises_the_shipped_release_data() -> None:
     """The report reads the shipped Debian data and computes its statistics."""
 
@@ -613,6 +926,9 @@ async def test_report_summarises_the_shipped_release_data() -> None:
             self.names.append(name)
 
         async def advance(self, fraction: float) -> None:
+            return None
+
+        async def sleep(self, seconds: float) -> None:
             return None
 
     steps = Steps()

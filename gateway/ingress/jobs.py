@@ -204,10 +204,11 @@ async def job_status(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
-    """DELETE /jobs/{id}: cancel a queued job, or stop a running one at its next step.
+    """DELETE /jobs/{id}: cancel a queued job, or ask a running one to stop.
 
-    Answers 200 with the job cancelled, 202 while a running job has yet to reach
-    its next step boundary, 409 for a job already finished otherwise.
+    Answers 200 with the job cancelled, 202 while a running job has yet to stop
+    (within about a second in ``Progress.sleep``, else at its next step
+    boundary), 409 for a job already finished otherwise.
     """
     runtime = _runtime(request)
     job_id: str = request.path_params["job_id"]

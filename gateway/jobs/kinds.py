@@ -27,6 +27,7 @@ __all__ = [
     "Progress",
     "bad_params",
     "load_kinds",
+    "named_kinds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,19 @@ class JobFailed(Exception):
 
 
 class JobCancelled(Exception):
-    """Raised from ``Progress.step`` when a cancel arrived; kinds let it pass."""
+    """Raised from ``Progress.step`` and ``Progress.sleep`` when a cancel arrived.
+
+    Kinds let it pass.
+    """
 
 
 class Progress(Protocol):
-    """What a running job uses to report where it is.
+    """What a running job uses to report where it is, and to learn of a cancel.
 
-    Both methods are coroutines that write the job record and publish an event,
-    so a kind calls them between pieces of work, never from another task.
+    ``step`` and ``advance`` are coroutines that write the job record and publish
+    an event, so a kind calls them between pieces of work, never from another
+    task. While the job store cannot be reached they wait until it can, so that
+    the job carries on from where it was instead of failing.
     """
 
     async def step(self, name: str) -> None:
@@ -67,6 +73,17 @@ class Progress(Protocol):
 
     async def advance(self, fraction: float) -> None:
         """Say how much of the current step is done, from 0.0 to 1.0."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the job is cancelled meanwhile.
+
+        A kind that waits, or polls something outside, waits here so that a
+        cancel ends the job within about a second rather than at the next step
+        boundary.
+
+        Raises:
+            JobCancelled: a cancel arrived before or during the wait.
+        """
 
 
 def bad_params(message: str) -> BadRequest:
@@ -102,7 +119,8 @@ class JobKind(abc.ABC):
 
         Raises:
             JobFailed: the job cannot complete, for a reason the client should see.
-            JobCancelled: from ``progress.step``, when the client cancelled.
+            JobCancelled: from ``progress.step`` or ``progress.sleep``, when the
+                client cancelled.
         """
 
 
@@ -137,6 +155,33 @@ def _instantiate(target: object, where: str) -> JobKind:
     raise ValueError(f"{where} is not a JobKind subclass or instance")
 
 
+def named_kinds(extra: str) -> list[JobKind]:
+    """The kinds named in ``extra``, imported and made.
+
+    The settings call this at load time, so that a wrong name stops the process
+    with a usage error naming ``--job-kinds``.
+
+    Args:
+        extra: comma-separated ``module:attribute`` names of job kinds.
+
+    Raises:
+        ValueError: a name cannot be imported, is not a job kind, or names a
+            kind without a name.
+    """
+    kinds = []
+    for spec in filter(None, (item.strip() for item in extra.split(","))):
+        module_name, _, attribute = spec.partition(":")
+        try:
+            target = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(f"cannot load job kind {spec!r}: {exc}") from exc
+        kind = _instantiate(target, spec)
+        if not kind.name:
+            raise ValueError(f"job kind {spec!r} has no name")
+        kinds.append(kind)
+    return kinds
+
+
 def load_kinds(extra: str = "") -> KindRegistry:
     """The built-in kinds, then entry point plugins, then ``extra``.
 
@@ -155,11 +200,6 @@ def load_kinds(extra: str = "") -> KindRegistry:
         except Exception:
             # A broken plugin must not keep the gateway from serving other kinds.
             logger.exception("job kind plugin %s failed to load", point.value)
-    for spec in filter(None, (item.strip() for item in extra.split(","))):
-        module_name, _, attribute = spec.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ValueError(f"cannot load job kind {spec!r}: {exc}") from exc
-        registry.add(_instantiate(target, spec))
+    for kind in named_kinds(extra):
+        registry.add(kind)
     return registry

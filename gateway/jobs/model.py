@@ -78,10 +78,12 @@ class Job:
         result: what a succeeded job produced.
         error: ``{"code", "message"}`` for a failed job.
         version: counts changes, from 1; a long poll waits for it to move.
-        cancel_requested: a cancel arrived while the job ran; it stops at its
-            next step boundary.
-        attempts: how many runs started; above 1 when a worker died mid-job and
-            another one took the job over.
+        cancel_requested: a cancel arrived while the job ran; it stops within
+            about a second if its kind waits through ``Progress.sleep``, else at
+            its next step boundary.
+        attempts: how many runs started; above 1 when a worker died or hung
+            mid-job and another one took the job over. A worker that only lost
+            Redis for a while carries on under the same attempt.
         worker: the name of the process that runs or ran it.
     """
 

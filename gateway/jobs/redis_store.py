@@ -7,15 +7,28 @@ Keys, with the configured prefix ``P`` (``gateway:`` by default):
   last change (for a finished job, after it finished);
 - ``Pjob:{<id>}:lease``  the job's lease: a worker's random token, expiring unless
   that worker renews it;
+- ``Pjob:{<id>}:ticket`` a short-lived booking of a job id being submitted;
 - ``Pjobs:queue``        a stream of job ids, read by the consumer group
   ``workers``; an entry is acknowledged and deleted once its job is done.
+
+A job is recorded and queued by one script, so a record never exists without its
+queue entry. The script runs only while the ticket made just before it lives
+(``_TICKET_TTL``, shorter than a command's timeout): a submission whose answer
+timed out because Redis stalled, and that Redis runs once it resumes, writes
+nothing, so the 503 its client got stays true.
 
 A worker reads entries with XREADGROUP. While it runs a job it renews the lease and
 claims its own entry again (XCLAIM), which keeps the entry's idle time low; an
 entry idle for longer than the claim delay belongs to a worker that stopped, and
 another worker takes it over with XAUTOCLAIM. That worker runs the job only if it
 can take the lease, and every record change checks the lease inside Redis, so a
-worker that was paused and lost its lease cannot write over its successor.
+worker that was paused and lost its lease cannot write over its successor. A lease
+that expired while Redis was away, with no other run started since (the record's
+``attempts`` is still the holder's), is taken again by its holder, so that its job
+carries on where it was.
+
+The job hash, its lease and its ticket share a hash tag; the create script also
+touches the queue, so this store needs one Redis server, not a cluster.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.config import without_credentials
@@ -42,34 +57,81 @@ logger = logging.getLogger(__name__)
 _GROUP = "workers"
 #: Seconds between two reads of a record's version during a long poll.
 _WAIT_INTERVAL = 0.1
+#: Seconds a command may wait for its answer before it counts as failed.
+_SOCKET_TIMEOUT = 5.0
+#: Seconds a submission's ticket lives. Shorter than ``_SOCKET_TIMEOUT``: a create
+#: script whose caller timed out can only run later than this after the ticket
+#: was made, so it finds the ticket gone and writes nothing.
+_TICKET_TTL = 3.0
 _T = TypeVar("_T")
+
+# KEYS: the job hash, its ticket, the queue. ARGV: the record's time to live in
+# ms, the job id, then field and value pairs. Returns 1 once the job is recorded
+# and queued (also when it already was: a repeated call), 0 when the ticket has
+# lapsed and nothing was written.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('DEL', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
+return 1
+"""
+
+# Whether the lease's holder may take it again: the lease is gone (it expired)
+# and the record still shows the holder's run (ARGV[n]: its attempt) running, so
+# that no other worker has started the job since.
+_RETAKE = """
+local function may_retake(lease, job, attempt)
+  return attempt ~= '' and redis.call('EXISTS', lease) == 0
+    and redis.call('HGET', job, 'attempts') == attempt
+    and redis.call('HGET', job, 'state') == 'running'
+end
+"""
 
 # KEYS: the job hash, its lease. ARGV: allowed states (comma-separated, or empty
 # for any), the lease token (empty: no check), the time now, the record's time to
-# live in ms, then field and value pairs. Returns false for an unknown job, -1 for
-# a lost lease, else {applied (0 or 1), the record's fields}.
-_UPDATE = """
+# live in ms, the run's attempt (empty: an expired lease is lost), the lease's time
+# to live in ms, then field and value pairs. Returns false for an unknown job, -1
+# for a lost lease, else {applied (0 or 1), the record's fields}.
+_UPDATE = (
+    _RETAKE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return -1 end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  if not may_retake(KEYS[2], KEYS[1], ARGV[5]) then return -1 end
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[6])
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 local allowed = ',' .. ARGV[1] .. ','
 if ARGV[1] ~= '' and not string.find(allowed, ',' .. state .. ',', 1, true) then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, redis.call('HGETALL', KEYS[1])}
 """
+)
 
-# KEYS: a lease. ARGV: the holder's token, the new time to live in ms.
-_RENEW = """
+# KEYS: a lease, its job hash. ARGV: the holder's token, the new time to live in
+# ms, the run's attempt (empty: an expired lease is lost). Returns 1 when renewed,
+# 2 when taken again after it expired, 0 when lost.
+_RENEW = (
+    _RETAKE
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if may_retake(KEYS[1], KEYS[2], ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
 end
 return 0
 """
+)
 
 # KEYS: a lease. ARGV: the holder's token.
 _RELEASE = """
@@ -161,6 +223,7 @@ class RedisJobStore(JobStore):
         self._connections = connections
         self._queue = f"{prefix}jobs:queue"
         self._redis: aioredis.Redis | None = None
+        self._create_script: Any = None
         self._update_script: Any = None
         self._renew_script: Any = None
         self._release_script: Any = None
@@ -172,6 +235,9 @@ class RedisJobStore(JobStore):
 
     def _lease_key(self, job_id: str) -> str:
         return f"{self._key(job_id)}:lease"
+
+    def _ticket_key(self, job_id: str) -> str:
+        return f"{self._key(job_id)}:ticket"
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
@@ -190,9 +256,14 @@ class RedisJobStore(JobStore):
             max_connections=self._connections,
             timeout=5,
             socket_connect_timeout=2,
+            socket_timeout=_SOCKET_TIMEOUT,
             health_check_interval=5,
+            # No silent retries: a command sent again after a timeout could run
+            # twice; callers decide.
+            retry=Retry(NoBackoff(), 0),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._create_script = self._redis.register_script(_CREATE)
         self._update_script = self._redis.register_script(_UPDATE)
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
@@ -209,25 +280,34 @@ class RedisJobStore(JobStore):
 
     async def close(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            # The pool was made here, so the client does not close it by itself.
+            await self._redis.aclose(close_connection_pool=True)
+
+    async def reserve(self, job_id: str) -> None:
+        ticket = self._ticket_key(job_id)
+        await self._call(self._client().set(ticket, "1", px=_ms(_TICKET_TTL)))
 
     async def create(self, job: Job) -> None:
-        key = self._key(job.id)
-        fields = {
-            name: _encode_value(name, getattr(job, name))
-            for name in Job.__dataclass_fields__
-        }
-        async with self._client().pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.pexpire(key, int(self.ttl * 1000))
-            await self._call(pipe.execute())
-
-    async def enqueue(self, job_id: str) -> None:
-        await self._call(self._client().xadd(self._queue, {"job": job_id}))
+        fields = _encode(
+            {name: getattr(job, name) for name in Job.__dataclass_fields__}
+        )
+        keys = [self._key(job.id), self._ticket_key(job.id), self._queue]
+        args = [_ms(self.ttl), job.id, *fields]
+        created = await self._call(self._create_script(keys=keys, args=args))
+        if not created:
+            raise Unavailable(
+                f"redis stalled while job {job.id} was submitted; it was not recorded"
+            )
 
     async def get(self, job_id: str) -> Job | None:
         fields: Any = await self._call(self._client().hgetall(self._key(job_id)))
         return _decode(fields) if fields else None
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        key = self._key(job_id)
+        value = await self._call(self._client().hget(key, "cancel_requested"))
+        # No field means no record: the job expired under its worker.
+        return value is None or value == b"1"
 
     async def update(
         self,
@@ -237,11 +317,14 @@ class RedisJobStore(JobStore):
         when: frozenset[JobState] | None = None,
         lease: Lease | None = None,
     ) -> Update | None:
+        attempt = lease.attempt if lease is not None else None
         args: list[Any] = [
             ",".join(sorted(state.value for state in when)) if when else "",
             lease.token if lease is not None else "",
             repr(time.time()),
             int(self.ttl * 1000),
+            "" if attempt is None else str(attempt),
+            _ms(lease.ttl) if lease is not None else 0,
             *_encode(changes),
         ]
         keys = [self._key(job_id), self._lease_key(job_id)]
@@ -317,7 +400,7 @@ class RedisJobStore(JobStore):
             await self._call(pipe.execute())
 
     async def acquire(self, delivery: Delivery, ttl: float) -> Lease | None:
-        lease = Lease(delivery.job_id, delivery.entry)
+        lease = Lease(delivery.job_id, delivery.entry, ttl=ttl)
         taken = await self._call(
             self._client().set(
                 self._lease_key(delivery.job_id), lease.token, nx=True, px=_ms(ttl)
@@ -327,11 +410,16 @@ class RedisJobStore(JobStore):
 
     async def renew(self, lease: Lease, ttl: float) -> bool:
         client = self._client()
+        keys = [self._lease_key(lease.job_id), self._key(lease.job_id)]
+        attempt = "" if lease.attempt is None else str(lease.attempt)
         held = await self._call(
-            self._renew_script(
-                keys=[self._lease_key(lease.job_id)], args=[lease.token, _ms(ttl)]
-            )
+            self._renew_script(keys=keys, args=[lease.token, _ms(ttl), attempt])
         )
+        if held == 2:
+            logger.debug(
+                "lease of job %s had expired while redis was away; taken again",
+                lease.job_id,
+            )
         if held:
             # Claiming its own entry again resets its idle time, so that other
             # workers do not take over a job whose worker is alive.

@@ -127,16 +127,21 @@ class JobService:
         await self.store.close()
 
     async def submit(self, kind_name: str, params: Mapping[str, Any]) -> Job:
-        """Validate, record, announce and queue a new job.
+        """Validate, announce, then record and queue a new job.
 
         The ``JOB_QUEUED`` event is published before the job is queued, so that
-        no worker's ``JOB_STARTED`` can come before it on the job's topic.
+        no worker's ``JOB_STARTED`` can come before it on the job's topic. The
+        record and its queue entry are written in one step, so there is never
+        a record that no worker will run.
 
         Raises:
             UnknownKind: no kind is called ``kind_name``.
             BadRequest: the kind refused the parameters.
-            Unavailable: Redis cannot be reached; the job may be recorded but
-                is not queued.
+            Unavailable: Redis cannot be reached, or stalled; nothing was
+                recorded. (Only when Redis ran the request and the answer alone
+                was lost on the network is the job recorded and queued, and it
+                runs like any other.) Its ``JOB_QUEUED`` event may have been
+                published on the topic of that id, which nobody was given.
         """
         kind = self.kinds.get(kind_name)
         if kind is None:
@@ -151,9 +156,11 @@ class JobService:
             created_at=now,
             updated_at=now,
         )
-        await self.store.create(job)
+        # Booked first: a create that a stalled Redis runs only after this call
+        # gave up writes nothing.
+        await self.store.reserve(job.id)
         await publish_change(self.publish, job, "JOB_QUEUED")
-        await self.store.enqueue(job.id)
+        await self.store.create(job)
         self.metrics.submitted.labels(kind_name).inc()
         logger.debug("job %s of kind %s queued", job.id, kind_name)
         return job
@@ -169,8 +176,9 @@ class JobService:
     async def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once, or ask a running one to stop.
 
-        A running job stops at its next step boundary. A finished job is
-        returned unchanged.
+        A running job stops within about a second when its kind waits through
+        ``Progress.sleep`` (``db-refresh`` does), otherwise at its next step
+        boundary. A finished job is returned unchanged.
 
         Returns:
             The job's record after the request, or None for an unknown id.

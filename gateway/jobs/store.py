@@ -4,7 +4,9 @@ A store keeps one record per job and a queue of job ids waiting for a worker. Ev
 change goes through ``update``, which bumps the record's version and may be made
 conditional on the job's state and on holding its lease. The lease is what keeps a
 job from running twice at once: a worker takes it before running a job, renews it
-while the job runs, and a record change from a worker that lost it is refused.
+while the job runs, and a record change from a worker that lost it to another is
+refused. A lease that only expired (the store was away) goes back to its holder
+while no other run has started.
 
 The in-memory store serves one process, whose own worker pool runs every job; the
 Redis store (``gateway.jobs.redis_store``) serves replicas and ``gateway worker``
@@ -66,6 +68,12 @@ class Lease:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: Set when a renewal found the lease gone: the job must stop at once.
     lost: bool = False
+    #: Seconds the lease lasts from its last renewal.
+    ttl: float = 0.0
+    #: The ``attempts`` this run wrote when it started, None before. A lease that
+    #: expired while Redis was away may be taken again by its holder as long as
+    #: the record still shows this attempt running: no other run has started.
+    attempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +108,25 @@ class JobStore(abc.ABC):
         """Release connections and background tasks."""
         return None
 
-    @abc.abstractmethod
-    async def create(self, job: Job) -> None:
-        """Store a new record (version 1); it is not queued yet."""
+    async def reserve(self, job_id: str) -> None:
+        """Book ``job_id`` for the ``create`` that follows within a few seconds.
+
+        ``create`` writes nothing once the booking has lapsed. So a ``create``
+        that a stalled Redis runs only after its caller gave up (and answered
+        503) cannot record a job that nobody was told about.
+        """
+        return None
 
     @abc.abstractmethod
-    async def enqueue(self, job_id: str) -> None:
-        """Queue a stored job for a worker."""
+    async def create(self, job: Job) -> None:
+        """Store a new record (version 1) and queue it, in one step.
+
+        Calling it again for the same job does nothing more.
+
+        Raises:
+            Unavailable: the store cannot be reached, or the booking made by
+                ``reserve`` has lapsed; nothing was written.
+        """
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> Job | None:
@@ -137,6 +157,13 @@ class JobStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for the job; True for a job that is gone.
+
+        Running jobs call this about twice a second, so it must be cheap.
+        """
+
+    @abc.abstractmethod
     async def wait_change(self, job_id: str, version: int, seconds: float) -> None:
         """Return once the job's version differs from ``version``, or after ``seconds``.
 
@@ -160,10 +187,14 @@ class JobStore(abc.ABC):
 
     async def acquire(self, delivery: Delivery, ttl: float) -> Lease | None:
         """Take the job's lease for ``ttl`` seconds; None while another holds it."""
-        return Lease(delivery.job_id, delivery.entry)
+        return Lease(delivery.job_id, delivery.entry, ttl=ttl)
 
     async def renew(self, lease: Lease, ttl: float) -> bool:
-        """Extend a held lease by ``ttl`` seconds; False if it was lost."""
+        """Extend a held lease by ``ttl`` seconds; False if it was lost.
+
+        A lease that merely expired is taken again when ``lease.attempt`` is
+        still the run on record (see ``Lease.attempt``).
+        """
         return True
 
     async def release(self, lease: Lease) -> None:
@@ -223,13 +254,16 @@ class MemoryJobStore(JobStore):
             event.set()
 
     async def create(self, job: Job) -> None:
-        self._jobs[job.id] = job
-
-    async def enqueue(self, job_id: str) -> None:
-        self._queue.put_nowait(job_id)
+        if job.id not in self._jobs:
+            self._jobs[job.id] = job
+            self._queue.put_nowait(job.id)
 
     async def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is None or job.cancel_requested
 
     async def update(
         self,
