@@ -1,9 +1,10 @@
 """The jobs API: start a job, poll or long-poll its state, cancel it.
 
-``POST /jobs`` and ``DELETE /jobs/{id}`` need the publish API key: the first starts
-work, the second destroys it, and job ids are visible to anyone subscribed to
-``jobs/#`` until subscribers are authenticated (issue 10). ``GET /jobs/{id}`` needs
-only the id, which is the job's valet key: at least 128 random bits.
+``POST /jobs`` and ``DELETE /jobs/{id}`` need the operator's key or a publish key
+with the ``jobs`` right (``gateway.security.keys``): the first starts work, the
+second destroys it. ``GET /jobs/{id}`` needs only the id, which is the job's valet
+key: at least 128 random bits; no subscription can list job ids (a job topic needs
+its full id, unless read rights name the ``jobs`` tree).
 """
 
 from __future__ import annotations
