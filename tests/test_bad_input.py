@@ -370,6 +370,8 @@ BAD_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "empty source": ({"eventSource": ""}, "eventSource"),
     "source not string": ({"eventSource": 7}, "eventSource"),
     "source too long": ({"eventSource": "s" * 129}, "eventSource"),
+    "source with NUL": ({"eventSource": "feed\x00"}, "eventSource"),
+    "source with newline": ({"eventSource": "feed\nERROR forged"}, "eventSource"),
 }
 for _name, (_changes, _field) in BAD_FIELDS.items():
     REFUSED[_name] = (

@@ -108,10 +108,16 @@ def validate_draft(
     except BadTopic as exc:
         raise BadTopic(f"{where}.topic: {exc}") from exc
     source = item["eventSource"]
-    if not isinstance(source, str) or not 0 < len(source) <= _MAX_SOURCE_LENGTH:
+    if (
+        not isinstance(source, str)
+        or not 0 < len(source) <= _MAX_SOURCE_LENGTH
+        or not source.isprintable()
+    ):
+        # Printable only: a source names a sender in logs and pages, where NUL,
+        # newlines or terminal escapes would do harm.
         raise BadRequest(
             f"{where}.eventSource: expected a string of 1 to "
-            f"{_MAX_SOURCE_LENGTH} characters"
+            f"{_MAX_SOURCE_LENGTH} printable characters"
         )
     event_type = item["eventType"]
     if (
