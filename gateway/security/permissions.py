@@ -29,7 +29,10 @@ def filter_covers(right: str, topic_filter: str) -> bool:
             return False
         allowed = rights[index]
         if allowed == "#":
-            return True
+            # '#' is a wildcard only as the last level; a right holding it
+            # elsewhere (a token's 'stocks/#/x') breaks the grammar and covers
+            # nothing, rather than the whole tree above it.
+            return index == len(rights) - 1
         if level == "#":
             # The filter reaches any depth from here; only '#' covers that.
             return False

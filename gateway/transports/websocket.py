@@ -33,6 +33,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
+from websockets.exceptions import ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State as CoreState
@@ -104,15 +105,47 @@ _KNOWN_CODES = frozenset(
 )
 
 
+class _FrameText:
+    """A frame in the core's DEBUG lines, shown without raising on any payload.
+
+    websockets 15 raises from ``Frame.__str__`` on a text frame that is not
+    UTF-8 and on a malformed close frame, both of which a client can send at
+    will, so each such frame printed a logging traceback
+    (python-websockets/websockets#1695, fixed by #1712, and #1770). Such a frame
+    is shown by its opcode and size instead. This can go once the pinned
+    websockets has both fixes.
+    """
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+
+    def __str__(self) -> str:
+        try:
+            return str(self.frame)
+        except (UnicodeDecodeError, ProtocolError):
+            size = len(self.frame.data)
+            return f"{self.frame.opcode.name} (malformed) [{size} bytes]"
+
+
 class _QuietCore(logging.LoggerAdapter):  # type: ignore[type-arg]
     """The Sans-I/O core's log, with its per-connection INFO lines moved to DEBUG.
 
     The core announces every opened connection at INFO; the gateway logs its own
-    line with the connection id instead.
+    line with the connection id instead. A client's bad upgrade request comes
+    with a traceback, dropped here: the gateway logs the mistake in one DEBUG
+    line. The core's ERRORs (an unexpected exception in its parser or handshake)
+    are bugs and keep their level. Frames are logged only when DEBUG is on, so
+    wrapping them costs nothing otherwise.
     """
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        super().log(min(level, logging.DEBUG), msg, *args, **kwargs)
+        if level <= logging.INFO:
+            level = logging.DEBUG
+            kwargs.pop("exc_info", None)
+        args = tuple(_FrameText(a) if isinstance(a, Frame) else a for a in args)
+        super().log(level, msg, *args, **kwargs)
 
     def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
         self.log(logging.DEBUG, msg, *args, **kwargs)
@@ -345,6 +378,19 @@ class WebSocketProtocol(asyncio.Protocol):
     def _admit(self, request: Request) -> Response | None:
         """Check limits and the client's token; a refusal to send, or None."""
         runtime = self.runtime
+        # Each of these headers is read as one value: a request repeating one
+        # is malformed, and must not pass the Origin check on its first copy.
+        repeated = [
+            name
+            for name in ("Origin", "Authorization")
+            if len(request.headers.get_all(name)) > 1
+        ]
+        if repeated:
+            logger.debug("malformed upgrade request from %s: %s", self.peer, repeated)
+            runtime.metrics.refused_connections.labels("bad_request").inc()
+            return _json_refusal(
+                self.conn, 400, "bad_request", f"more than one {repeated[0]} header"
+            )
         address = self.peer.rpartition(":")[0]
         refusal = runtime.limits.check(address, request.headers.get("Origin"))
         if refusal is not None:
@@ -612,7 +658,10 @@ class WebSocketProtocol(asyncio.Protocol):
                     f"{after} given; live events follow from here",
                 )
             )
-        last = after
+        # What was sent ends at the client's offset, or at the topic's last one
+        # when the client is ahead: live events after a reset are new even
+        # though their offsets are not above the client's.
+        last = min(after, read.last_offset)
         while read.events:
             for event in read.events:
                 await self._write_paced(event.frame)
@@ -672,10 +721,11 @@ class WebSocketProtocol(asyncio.Protocol):
             raise Forbidden("a fresh token must name the same subject ('sub')")
         self.grant = grant
         self.rights = grant.rights
-        # Subscriptions the new rights no longer allow end now.
+        # Subscriptions the new rights no longer allow end now; the answer
+        # lists them, with no 'unsubscribed' for an operation never sent.
         dropped = sorted(f for f in self.filters if not grant.rights.allows(f))
         if dropped:
-            await self._unsubscribe(Unsubscribe(tuple(dropped)))
+            await self._unsubscribe(Unsubscribe(tuple(dropped)), answer=False)
         self._watch_expiry()
         self._write(
             control_frame(
@@ -706,17 +756,20 @@ class WebSocketProtocol(asyncio.Protocol):
         )
         self.close(CLOSE_TOKEN_EXPIRED, "token expired")
 
-    async def _unsubscribe(self, operation: Unsubscribe) -> None:
+    async def _unsubscribe(
+        self, operation: Unsubscribe, *, answer: bool = True
+    ) -> None:
         runtime = self.runtime
         gone = [f for f in operation.filters if f in self.filters]
         for topic_filter in gone:
             self.filters.discard(topic_filter)
             runtime.router.remove(self, topic_filter)
-        self._write(
-            control_frame(
-                "unsubscribed", topics=list(operation.filters), ref=operation.ref
+        if answer:
+            self._write(
+                control_frame(
+                    "unsubscribed", topics=list(operation.filters), ref=operation.ref
+                )
             )
-        )
         await runtime.backend.remove_subscriptions(self.id, gone)
         for topic_filter in gone:
             await runtime.backend.unwatch(topic_filter)
