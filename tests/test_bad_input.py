@@ -744,12 +744,18 @@ async def test_slow_head_gets_408_and_malformed_http_a_json_400(
     tmp_path: Path,
 ) -> None:
     """A head not finished within --header-timeout gets 408; malformed HTTP gets
-    a JSON 400 logged at DEBUG only; an idle keep-alive connection is not hurt."""
+    a JSON 400 and an h2c upgrade a plain answer, neither logged above DEBUG; an
+    idle keep-alive connection is not hurt."""
     with running_gateway(tmp_path, header_timeout=1) as gateway:
         started = asyncio.get_running_loop().time()
         slow = await _raw_request(gateway.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         waited = asyncio.get_running_loop().time() - started
         malformed = await _raw_request(gateway.port, b"GARBAGE \x00\x01\r\n\r\n")
+        h2c = await _raw_request(
+            gateway.port,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\n"
+            b"Upgrade: h2c\r\n\r\n",
+        )
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
         await asyncio.sleep(1.5)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -761,6 +767,7 @@ async def test_slow_head_gets_408_and_malformed_http_a_json_400(
     assert 0.9 < waited < timeout(5), waited
     assert malformed.startswith(b"HTTP/1.1 400 ") and b'"bad_http"' in malformed
     assert kept.startswith(b"HTTP/1.1 200 "), kept[:100]
+    assert h2c.startswith(b"HTTP/1.1 200 "), h2c[:100]
     assert "Invalid HTTP request" not in log and "WARNING" not in log
 
 

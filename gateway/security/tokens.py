@@ -87,6 +87,9 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"malformed token: {exc}") from exc
         algorithm = header.get("alg")
+        if not isinstance(algorithm, str):
+            # Any JSON value can stand here; only a name can be looked up.
+            raise Unauthorized("the token's header has no algorithm name ('alg')")
         if algorithm == "HS256" and self._secret:
             keys: list[Any] = [self._secret]
         elif algorithm in _KEY_TYPES and (

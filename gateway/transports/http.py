@@ -146,17 +146,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             transport.close()
 
 
+#: uvicorn's WARNINGs that a client alone causes: a malformed request, and an
+#: upgrade to another protocol than WebSocket (such as h2c), which is answered
+#: as a plain HTTP request.
+_CLIENT_MISTAKES = ("Invalid HTTP request", "Unsupported upgrade request")
+
+
 class _QuietBadRequests(logging.Filter):
-    """Moves uvicorn's WARNING for a malformed request to DEBUG.
+    """Drops uvicorn's WARNINGs for client mistakes.
 
     A malformed request is the client's mistake, which the gateway logs at DEBUG
     (``GatewayHttpProtocol.send_400_response``); at WARNING, any client could
-    flood the log. uvicorn logs it before calling ``send_400_response``.
+    flood the log. uvicorn logs these before the gateway sees them.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING and record.getMessage().startswith(
-            "Invalid HTTP request"
+            _CLIENT_MISTAKES
         ):
             return False
         return True
