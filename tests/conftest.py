@@ -52,14 +52,32 @@ def _redis_for_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     prefix = f"test:{RUN_ID}:{uuid.uuid4().hex[:8]}:"
     monkeypatch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("GATEWAY_REDIS_PREFIX", prefix)
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        yield prefix
     finally:
-        client.close()
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def backend_environment(backend: str) -> Iterator[None]:
+    """The environment of gateways started inside, for one backend.
+
+    For fixtures wider than one test, which cannot take ``backend``: with Redis,
+    keys go under a prefix of their own, deleted afterwards.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        if backend == "memory":
+            patch.delenv("GATEWAY_REDIS_URL", raising=False)
+            yield
+        else:
+            with _redis_for_test(patch):
+                yield
 
 
 @pytest.fixture

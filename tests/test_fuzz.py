@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import struct
 import uuid
@@ -29,7 +28,7 @@ import httpx
 import jwt
 import orjson
 import pytest
-import redis
+from conftest import backend_environment
 from fuzzing import (
     CLOSE_CODES,
     END_REF,
@@ -381,37 +380,13 @@ class FuzzTarget:
         self.log.assert_clean()
 
 
-@contextlib.contextmanager
-def _backend_environment(backend: str) -> Iterator[None]:
-    """Environment for one backend; Redis keys go under a prefix removed after."""
-    with pytest.MonkeyPatch.context() as patch:
-        if backend == "memory":
-            patch.delenv("GATEWAY_REDIS_URL", raising=False)
-            yield
-            return
-        url = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-        prefix = f"test:fuzz:{uuid.uuid4().hex[:8]}:"
-        patch.setenv("GATEWAY_REDIS_URL", url)
-        patch.setenv("GATEWAY_REDIS_PREFIX", prefix)
-        try:
-            yield
-        finally:
-            client = redis.Redis.from_url(url)
-            try:
-                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-                if keys:
-                    client.delete(*keys)
-            finally:
-                client.close()
-
-
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FuzzTarget]:
     """A gateway logging at DEBUG, with an Origin allow-list, and its bystander."""
     tmp_path = tmp_path_factory.mktemp(f"fuzz-{request.param}")
-    with _backend_environment(request.param):
+    with backend_environment(request.param):
         port = free_port()
         gateway = start_gateway(
             tmp_path,

@@ -8,10 +8,8 @@ schemathesis check and its stateful phase, is a command: README, "Fuzzing".
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
-import uuid
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -20,9 +18,8 @@ from typing import Any
 import httpx
 import jsonschema_rs
 import pytest
-import redis
 import schemathesis
-from conftest import BACKENDS, REDIS_URL, RUN_ID
+from conftest import BACKENDS, backend_environment
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -192,36 +189,13 @@ def test_topic_schema_is_the_gateway_grammar(name: str) -> None:
 # Fuzzing a gateway over real sockets.
 
 
-@contextlib.contextmanager
-def _backend_environment(backend: str) -> Iterator[None]:
-    """Environment for one backend; Redis keys go under a prefix removed after."""
-    with pytest.MonkeyPatch.context() as patch:
-        if backend == "memory":
-            patch.delenv("GATEWAY_REDIS_URL", raising=False)
-            yield
-            return
-        prefix = f"test:{RUN_ID}:openapi:{uuid.uuid4().hex[:8]}:"
-        patch.setenv("GATEWAY_REDIS_URL", REDIS_URL)
-        patch.setenv("GATEWAY_REDIS_PREFIX", prefix)
-        try:
-            yield
-        finally:
-            client = redis.Redis.from_url(REDIS_URL)
-            try:
-                keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-                if keys:
-                    client.delete(*keys)
-            finally:
-                client.close()
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """A gateway with webhooks and demo jobs on, so that every route does work."""
     tmp_path: Path = tmp_path_factory.mktemp(f"openapi-{request.param}")
-    with _backend_environment(request.param):
+    with backend_environment(request.param):
         gateway = start_gateway(
             tmp_path, webhook_secret=WEBHOOK_SECRET, demo_page_jobs="true"
         )
