@@ -25,10 +25,12 @@ import logging
 import math
 import random
 import ssl
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -87,6 +89,139 @@ class _OutageIsNotAnError(logging.Filter):
 #: level set by aiomqtt, which is the application's business.
 _client_logger = logging.getLogger(f"{__name__}.client")
 _client_logger.addFilter(_OutageIsNotAnError())
+
+
+class _LoopSafeClient(aiomqtt.Client):
+    """aiomqtt's client, with paho's socket put on and taken off the loop safely.
+
+    aiomqtt 2.5.1 hands paho's socket to the event loop (``add_reader``,
+    ``add_writer``) through ``call_soon_threadsafe``, even when paho asks from the
+    loop's own thread, so each registration runs a moment after it was asked for.
+    When the connection broke in that moment (any broker outage: paho closes the
+    socket as soon as it reads the end of the stream or misses a ping), the loop
+    was given a closed socket, or a file descriptor number that a new socket, such
+    as a client's HTTP connection, had taken meanwhile. asyncio then logged
+    ``Exception in callback Loop.add_writer`` at ERROR (uvloop's ``Bad file
+    descriptor``, ``the handler is closed``, ``File descriptor N is used by
+    transport``), and a registration on a reused number could disturb the
+    connection that now held it. paho also
+    closed the previous connection's socket when connecting again, inside the
+    executor thread where aiomqtt runs ``connect()``, so its descriptor left the
+    loop from the wrong thread, after it was closed.
+
+    Here a registration asked for on the loop's thread happens at once; one asked
+    for from the executor thread is checked when it runs (the socket must still
+    be paho's, and open); removals use the numbers that were registered; and the
+    previous socket is closed on the loop before connecting again. The deferral
+    came with aiomqtt's pull requests 170 and 175; this class can go when aiomqtt
+    registers at once on the loop's thread and checks a deferred registration.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Take aiomqtt's arguments; must be called on the loop's thread."""
+        super().__init__(*args, **kwargs)
+        # The thread running the loop: paho's callbacks from any other one (the
+        # executor running connect()) must be passed to the loop.
+        self._loop_thread = threading.get_ident()
+        # The descriptor numbers registered for reading and for writing, kept
+        # because a socket that paho has closed answers fileno() with -1.
+        self._reading: int | None = None
+        self._writing: int | None = None
+        client = self._client
+        client.on_socket_open = self._socket_opened
+        client.on_socket_close = self._socket_closing
+        client.on_socket_register_write = self._socket_wants_writing
+        client.on_socket_unregister_write = self._socket_written
+
+    async def __aenter__(self) -> _LoopSafeClient:
+        """Connect, after closing here what is left of the previous connection.
+
+        A connection given up before its end (no CONNACK in time, a DISCONNECT
+        that could not be written) leaves paho's socket open; paho would close it
+        in the executor thread on connecting, after it left the loop too late.
+        """
+        if self._client.socket() is not None:
+            self._client._sock_close()
+        await super().__aenter__()
+        return self
+
+    def _on_loop(self, action: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            action(*args)
+        else:
+            self._loop.call_soon_threadsafe(action, *args)
+
+    @staticmethod
+    def _current(client: paho.Client, sock: Any) -> bool:
+        # False once paho closed or replaced the socket: it forgets a socket
+        # before closing it.
+        current = client.socket()
+        return current is not None and current is sock and current.fileno() >= 0
+
+    def _socket_opened(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._start_reading, client, sock)
+
+    def _start_reading(self, client: paho.Client, sock: Any) -> None:
+        if not self._current(client, sock):
+            return
+        self._stop_reading()
+        self._reading = sock.fileno()
+        self._loop.add_reader(self._reading, self._read_ready, client)
+        self._misc_task = self._loop.create_task(self._misc_loop())
+
+    def _read_ready(self, client: paho.Client) -> None:
+        try:
+            while True:
+                client.loop_read()
+                # An SSL socket may hold decoded bytes that the loop cannot see.
+                pending = getattr(client.socket(), "pending", None)
+                if pending is None or not pending():
+                    break
+        except Exception as exc:
+            # A broken connection, as aiomqtt treats it: the client disconnects.
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _socket_closing(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._stop_reading)
+
+    def _stop_reading(self) -> None:
+        self._stop_writing()
+        if self._reading is not None:
+            self._loop.remove_reader(self._reading)
+            self._reading = None
+        if self._misc_task is not None and not self._misc_task.done():
+            self._misc_task.cancel()
+
+    def _socket_wants_writing(
+        self, client: paho.Client, userdata: Any, sock: Any
+    ) -> None:
+        self._on_loop(self._start_writing, client, sock)
+
+    def _start_writing(self, client: paho.Client, sock: Any) -> None:
+        if not self._current(client, sock) or self._writing is not None:
+            return
+        self._writing = sock.fileno()
+        self._loop.add_writer(self._writing, self._write_ready, client)
+
+    def _write_ready(self, client: paho.Client) -> None:
+        try:
+            client.loop_write()
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+        # paho forgets to ask for the removal when the socket went meanwhile;
+        # a writer left on a writable socket would run on every loop turn.
+        if not client.want_write() or client.socket() is None:
+            self._stop_writing()
+
+    def _socket_written(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._stop_writing)
+
+    def _stop_writing(self) -> None:
+        if self._writing is not None:
+            self._loop.remove_writer(self._writing)
+            self._writing = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +493,7 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         address = self.address
-        return aiomqtt.Client(
+        return _LoopSafeClient(
             address.host,
             address.port,
             username=address.username,
