@@ -136,6 +136,23 @@ def test_scopes_of_each_key(tmp_path: Path) -> None:
             ring.authenticate(header)
 
 
+def test_the_jobs_tree_takes_the_jobs_right_to_publish(tmp_path: Path) -> None:
+    """A key scoped to every topic still cannot forge a job's events."""
+    path = tmp_path / "keys.toml"
+    path.write_text(
+        '[[publish_keys]]\nname = "all"\nkey = "all-topics-1"\ntopics = ["#"]\n'
+        '[[publish_keys]]\nname = "all-jobs"\nkey = "all-topics-2"\n'
+        'topics = ["#"]\njobs = true\n'
+    )
+    ring = KeyRing(API_KEY, keys_file=str(path))
+    everything = ring.authenticate("Bearer all-topics-1")
+    everything.check_publish(["stocks/AAPL", "jobsx/1", "teams/jobs"])
+    for topic in ("jobs/0123abcd", "jobs"):
+        with pytest.raises(Forbidden, match="jobs right"):
+            everything.check_publish(["stocks/AAPL", topic])
+    ring.authenticate("Bearer all-topics-2").check_publish(["jobs/0123abcd"])
+
+
 def test_a_changed_file_replaces_the_keys_and_a_broken_one_keeps_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,7 +9,8 @@ webhook deliveries::
     name = "stocks-feed"          # in logs, never the key itself
     sha256 = "9f86d0..."          # hex SHA-256 of the key (or: key = "...")
     topics = ["stocks/#"]         # topic filters it may publish on
-    jobs = false                  # may start and cancel jobs (default false)
+    jobs = false                  # may start and cancel jobs, and publish on
+                                  # jobs/... within its topics (default false)
     admin = false                 # may read /admin/stats (default false)
 
     [[webhook_secrets]]
@@ -78,10 +79,20 @@ class Principal:
     def check_publish(self, topics: Iterable[str]) -> None:
         """Refuse the whole batch unless every topic is in this key's scope.
 
+        The ``jobs`` tree carries the progress of jobs, which their followers
+        trust as the job's own: publishing there also takes the ``jobs`` right,
+        so that a key scoped to ``#`` cannot forge a job's events.
+
         Raises:
-            Forbidden: a topic no filter of the key matches; names it.
+            Forbidden: a topic no filter of the key matches, or a job topic
+                without the ``jobs`` right; names it.
         """
         for topic in topics:
+            if not self.jobs and topic.partition("/")[0] == "jobs":
+                raise Forbidden(
+                    f"key {self.name!r} may not publish on {topic!r}: the jobs "
+                    "tree takes the jobs right"
+                )
             if not any(filter_matches(scope, topic) for scope in self.topics):
                 raise Forbidden(
                     f"key {self.name!r} may not publish on {topic!r}; "
