@@ -106,6 +106,13 @@ def _banner(settings: Settings, title: str, broker: EmbeddedBroker | None) -> st
         mqtt = f"{without_credentials(settings.mqtt_url)}  (publishing to it)"
     else:
         mqtt = "off"
+    webhooks = []
+    if settings.webhook_secret is not None:
+        secret = settings.webhook_secret.get_secret_value()
+        webhooks = [
+            f"  webhooks   POST http://{base}/webhooks/fixtures  "
+            f"(signed with --webhook-secret {secret})"
+        ]
     return "\n".join(
         [
             title,
@@ -113,6 +120,7 @@ def _banner(settings: Settings, title: str, broker: EmbeddedBroker | None) -> st
             f"  WebSocket  ws://{base}/ws",
             f"  MQTT       {mqtt}",
             f"  publish    POST http://{base}/events  (Authorization: Bearer {key})",
+            *webhooks,
             f"  health     http://{base}/healthz  http://{base}/readyz",
             f"  metrics    http://{base}/metrics",
             "  try it:",
@@ -122,6 +130,29 @@ def _banner(settings: Settings, title: str, broker: EmbeddedBroker | None) -> st
             "",
         ]
     )
+
+
+def _check_redis(url: str) -> None:
+    """Fail at start, in one line, when Redis does not answer a PING.
+
+    The backend would fail the same way a moment later, but inside uvicorn's
+    start-up, which reports it with tracebacks after the banner.
+
+    Raises:
+        click.ClickException: Redis is unreachable; the message names the flag.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"Redis at {without_credentials(url)} unreachable ({exc}); "
+            "check --redis-url or GATEWAY_REDIS_URL"
+        ) from exc
+    finally:
+        client.close()
 
 
 def _run(
@@ -140,6 +171,12 @@ def _run(
         raise click.ClickException(str(exc.strerror or exc)) from exc
     port = sock.getsockname()[1]
     settings = settings.model_copy(update={"port": port})
+    if settings.redis_url is not None:
+        try:
+            _check_redis(settings.redis_url)
+        except click.ClickException:
+            sock.close()
+            raise
     broker = None
     if settings.mqtt_url is None and settings.mqtt_broker == "embedded":
         assert settings.api_key is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -364,6 +365,28 @@ class Settings(BaseSettings):
             from gateway.security.keys import load_keys_file
 
             load_keys_file(value)
+        return value
+
+    @field_validator("jwt_public_keys")
+    @classmethod
+    def _public_keys_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from gateway.security.tokens import TokenVerifier
+
+            TokenVerifier(None, value)
+        return value
+
+    @field_validator("mqtt_data_dir")
+    @classmethod
+    def _data_dir_writable(cls, value: str | None) -> str | None:
+        # Checked, not made: the broker makes it when it starts.
+        if value is not None:
+            folder = Path(value).absolute()
+            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            if not existing.is_dir():
+                raise ValueError(f"{existing} is not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ValueError(f"{existing} is not writable")
         return value
 
     @field_validator("webhook_secret")

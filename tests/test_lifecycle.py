@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 import redis
 from rawws import OP_CLOSE, OP_PING, RawWebSocket, open_socket, read_to_eof
 from support import (
@@ -20,6 +23,7 @@ from support import (
     admin_stats,
     assert_no_error_logged,
     event,
+    free_port,
     messages_before_pong,
     publish,
     read_metrics,
@@ -326,3 +330,31 @@ async def test_c10_sigterm_closes_everyone_then_exits_0(
     assert_no_error_logged(gateway)
     if backend == "redis":
         assert _redis_records_left() == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--redis-url", "redis://127.0.0.1:{port}/0", "check --redis-url"),
+        ("--jwt-public-keys", "{tmp}/missing.pem", "--jwt-public-keys / GATEWAY_"),
+        ("--mqtt-data-dir", "{tmp}/file/sub", "--mqtt-data-dir / GATEWAY_"),
+    ],
+)
+def test_a_setting_that_cannot_work_stops_the_start_in_one_line(
+    tmp_path: Path, flag: str, value: str, words: str
+) -> None:
+    """Unreachable Redis, an unreadable key file or a data folder under a file:
+    the gateway stops before its banner with one line naming the flag."""
+    (tmp_path / "file").write_text("not a folder")
+    value = value.format(port=free_port(), tmp=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", "0", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GATEWAY_MQTT_BROKER": "none"},
+    )
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert "notification gateway" not in result.stdout, "banner before failing"

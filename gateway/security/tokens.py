@@ -58,13 +58,18 @@ class TokenVerifier:
         """Load what tokens are checked with.
 
         Raises:
-            ValueError: the key file holds no PEM public key, or one that is
-                neither RSA nor EC.
+            ValueError: the key file cannot be read, holds no PEM public key,
+                or one that is neither RSA nor EC.
         """
         self._secret = secret
         self._public_keys: list[Any] = []
         if public_keys_file:
-            data = Path(public_keys_file).read_bytes()
+            try:
+                data = Path(public_keys_file).read_bytes()
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read {public_keys_file}: {exc.strerror}"
+                ) from None
             blocks = _PEM_BLOCK.findall(data)
             if not blocks:
                 raise ValueError(f"no PEM public key in {public_keys_file}")
