@@ -63,7 +63,7 @@ def create_app(runtime: Runtime) -> Starlette:
         finally:
             await runtime.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *routes,
             *job_routes,
@@ -75,3 +75,7 @@ def create_app(runtime: Runtime) -> Starlette:
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )
+    # A path with a slash too many is unknown (a JSON 404), not a redirect to
+    # the other spelling built from the request's Host header.
+    app.router.redirect_slashes = False
+    return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
 import logging
 import resource
@@ -114,10 +115,14 @@ def bind(settings: Settings) -> socket.socket:
         sock.bind((settings.host, settings.port))
     except OSError as exc:
         sock.close()
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            change = "check --host or GATEWAY_HOST"
+        else:
+            change = "choose another port with --port or GATEWAY_PORT"
         raise OSError(
             exc.errno,
             f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
-            "choose another port with --port or GATEWAY_PORT",
+            f"{change}",
         ) from exc
     sock.set_inheritable(True)
     return sock

@@ -338,13 +338,15 @@ async def test_c10_sigterm_closes_everyone_then_exits_0(
         ("--redis-url", "redis://127.0.0.1:{port}/0", "check --redis-url"),
         ("--jwt-public-keys", "{tmp}/missing.pem", "--jwt-public-keys / GATEWAY_"),
         ("--mqtt-data-dir", "{tmp}/file/sub", "--mqtt-data-dir / GATEWAY_"),
+        ("--host", "999.1.1.1", "check --host or GATEWAY_HOST"),
     ],
 )
 def test_a_setting_that_cannot_work_stops_the_start_in_one_line(
     tmp_path: Path, flag: str, value: str, words: str
 ) -> None:
-    """Unreachable Redis, an unreadable key file or a data folder under a file:
-    the gateway stops before its banner with one line naming the flag."""
+    """Unreachable Redis, an unreadable key file, a data folder under a file or
+    a host that is no address here: the gateway stops before its banner with one
+    line naming the flag."""
     (tmp_path / "file").write_text("not a folder")
     value = value.format(port=free_port(), tmp=tmp_path)
     result = subprocess.run(
