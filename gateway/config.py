@@ -131,7 +131,6 @@ class Settings(BaseSettings):
     )
     jwt_secret: SecretStr | None = Field(
         None,
-        min_length=32,
         description="Shared secret of HS256 subscriber tokens (at least 32 "
         "characters); no HS256 tokens when unset.",
     )
@@ -387,6 +386,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{existing} is not a folder")
             if not os.access(existing, os.W_OK | os.X_OK):
                 raise ValueError(f"{existing} is not writable")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("an HS256 secret needs at least 32 characters")
         return value
 
     @field_validator("webhook_secret")
