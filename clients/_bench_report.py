@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clients._cli import MASK, masked_url
 from clients.cost import load_prices, monthly_costs
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ def _markdown(
         f"average (1, 5, 15 min) {meta['load_average_before']} before and "
         f"{meta['load_average_after']} after.",
         "",
-        f"Gateway: {meta['gateway']}. MQTT broker: {broker or 'not run'}.",
+        f"Gateway: {meta['gateway']}. MQTT broker: {broker or 'not run'}."
+        + (" Server CPU and memory: not measured with --url." if options.url else ""),
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -173,7 +175,7 @@ def _plots(
     axes.set_ylabel("share of deliveries")
     axes.set_title("Latency distribution")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
+    _legend(axes)
     files.append(_save(figure, out / "latency.png", plt))
 
     # Bytes per client per event, both ways.
@@ -193,27 +195,10 @@ def _plots(
     axes.legend()
     files.append(_save(figure, out / "bytes_per_event.png", plt))
 
-    # Gateway (and broker) CPU over the publishing phase.
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for result in results:
-        times = [s["t"] for s in result.load]
-        for role, style in (("gateway", "-"), ("broker", "--")):
-            key = f"{role}_cpu_pct"
-            if times and all(key in s for s in result.load):
-                values = [s[key] for s in result.load]
-                axes.plot(
-                    times,
-                    values,
-                    style,
-                    color=_COLORS[result.strategy],
-                    label=f"{_LABELS[result.strategy]}: {role}",
-                )
-    axes.set_xlabel("seconds into publishing")
-    axes.set_ylabel("CPU, % of one core")
-    axes.set_title("Server load")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
-    files.append(_save(figure, out / "server_load.png", plt))
+    # Gateway (and broker) CPU over the publishing phase, when it was measured
+    # (never with --url: the gateway runs elsewhere).
+    if any("gateway_cpu_pct" in sample for r in results for sample in r.load):
+        files.append(_save(_server_load(results, plt), out / "server_load.png", plt))
 
     # Monthly cost against users.
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -235,11 +220,54 @@ def _plots(
     return files
 
 
+def _server_load(results: list[StrategyResult], plt: Any) -> Any:
+    """The figure of the gateway's (and broker's) CPU over publishing."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for result in results:
+        times = [s["t"] for s in result.load]
+        for role, style in (("gateway", "-"), ("broker", "--")):
+            key = f"{role}_cpu_pct"
+            if times and all(key in s for s in result.load):
+                values = [s[key] for s in result.load]
+                axes.plot(
+                    times,
+                    values,
+                    style,
+                    color=_COLORS[result.strategy],
+                    label=f"{_LABELS[result.strategy]}: {role}",
+                )
+    axes.set_xlabel("seconds into publishing")
+    axes.set_ylabel("CPU, % of one core")
+    axes.set_title("Server load")
+    axes.grid(True, alpha=0.3)
+    _legend(axes, fontsize="small")
+    return figure
+
+
+def _legend(axes: Any, **options: Any) -> None:
+    """A legend, unless nothing was drawn (matplotlib would warn)."""
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(**options)
+
+
 def _save(figure: Any, path: Path, plt: Any) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path.name
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    """The options as the report shows them: paths as text, secrets masked."""
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()
+    }
+    if options.api_key:
+        settings["api_key"] = MASK
+    for name in ("url", "mqtt_url"):
+        if settings[name]:
+            settings[name] = masked_url(settings[name])
+    return settings
 
 
 def write_report(
@@ -248,9 +276,7 @@ def write_report(
     """Write ``report.json``, ``report.md`` and the PNGs; return the Markdown."""
     out = options.out
     cost = _cost_section(options, results)
-    settings = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()
-    }
+    settings = _settings(options)
     plots = _plots(out, options, results, cost)
     report = {
         "meta": meta,

@@ -94,7 +94,8 @@ class HttpPublisher:
             answer = await reader.readexactly(_content_length(head))
         if not head.startswith(b"HTTP/1.1 200"):
             status = head.split(b"\r\n", 1)[0].decode("latin-1")
-            raise BenchError(f"publish refused: {status} {answer[:200]!r}")
+            reason = answer[:200].decode("utf-8", "replace")
+            raise BenchError(f"publish refused: {status} {reason}")
 
     def close(self) -> None:
         """Close the connection without waiting."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 from websockets.version import version as websockets_version
 
+from clients._cli import masked_url
 from clients._redis import safe_url
 from clients._servers import uses_mqtt, uses_redis
 
@@ -294,6 +295,8 @@ def write_json(path: Path, results: Results, options: Options) -> None:
     """Write options, environment, every run, the medians and the targets."""
     settings = asdict(options)
     settings["redis_url"] = safe_url(options.redis_url)
+    if options.mqtt_url is not None:
+        settings["mqtt_url"] = masked_url(options.mqtt_url)
     document = {
         "options": settings,
         "environment": _environment(),

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shlex
 import socket
 import subprocess
 import sys
@@ -39,13 +38,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import orjson
 import psutil
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
+from clients._cli import MASK, http_address, masked_command, masked_url, stop_on_sigterm
 from clients._mqtt_wire import MqttClient, decode_length
 from clients._publish import HttpPublisher
 from clients._servers import (
@@ -83,33 +82,98 @@ class Options:
     command: str
 
 
-def parse_args(argv: list[str]) -> Options:
-    """The benchmark's options."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--clients", type=int, default=1000, help="per strategy")
-    parser.add_argument("--rate", type=float, default=10.0, help="events/s")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds")
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds")
-    parser.add_argument("--strategies", default="poll,ws,mqtt")
-    parser.add_argument("--out", type=Path, default=None, help="report folder")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds")
-    parser.add_argument("--url", help="a running gateway (else one is started)")
-    parser.add_argument("--api-key", help="the running gateway's API key")
-    parser.add_argument("--mqtt-url", help="the running gateway's broker")
-    parser.add_argument("--no-progress", action="store_true")
+    add = parser.add_argument
+    add("--clients", type=int, default=1000, help="clients per strategy")
+    add("--rate", type=float, default=10.0, help="events published per second")
+    add("--duration", type=float, default=60.0, help="seconds of publishing")
+    add("--poll-interval", type=float, default=1.0, help="seconds between polls")
+    add(
+        "--strategies",
+        default="poll,ws,mqtt",
+        help=f"comma list of {', '.join(STRATEGY_NAMES)}, measured in that order",
+    )
+    add(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default: bench-results/bench-<UTC time>)",
+    )
+    add("--warmup", type=float, default=3.0, help="seconds between connect and publish")
+    add("--url", help="a running gateway, http://host[:port] (else one is started)")
+    add("--api-key", help="the running gateway's API key; needed with --url")
+    add(
+        "--mqtt-url",
+        help="the running gateway's broker, mqtt://[user:password@]host[:port]; "
+        "only with --url, needed there for the mqtt strategy",
+    )
+    add("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _check_urls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error when --url, --api-key or --mqtt-url do not fit."""
+    if args.mqtt_url and not args.url:
+        parser.error(
+            "--mqtt-url needs --url: it names the running gateway's broker; "
+            "without --url the benchmark starts its own"
+        )
+    if args.url is None:
+        return
+    try:
+        http_address(args.url)
+    except ValueError as exc:
+        parser.error(f"--url: {exc}")
+    if not args.api_key:
+        parser.error("--url needs --api-key to publish")
+    if args.mqtt_url:
+        problem = _broker_url_problem(args.mqtt_url)
+        if problem:
+            parser.error(f"--mqtt-url: {problem}")
+
+
+def _broker_url_problem(url: str) -> str | None:
+    """Why the benchmark's MQTT clients cannot use ``url``, or None."""
+    from gateway.transports.mqtt import parse_broker_url
+
+    try:
+        address = parse_broker_url(url)
+    except ValueError as exc:
+        return str(exc)
+    if address.tls:
+        return "mqtts is not supported, the clients speak plain MQTT"
+    return None
+
+
+def _report_secrets(args: argparse.Namespace) -> dict[str, str]:
+    """Each secret of the command line to what reports show instead."""
+    shown = {}
+    if args.api_key:
+        shown[args.api_key] = MASK
+    for url in (args.url, args.mqtt_url):
+        if url and masked_url(url) != url:
+            shown[url] = masked_url(url)
+    return shown
+
+
+def parse_args(argv: list[str]) -> Options:
+    """The benchmark's options; exit with status 2 on a bad one."""
+    parser = _parser()
     args = parser.parse_args(argv)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     unknown = set(strategies) - set(STRATEGY_NAMES)
     if unknown or not strategies:
         parser.error(f"--strategies: choose from {','.join(STRATEGY_NAMES)}")
+    _check_urls(parser, args)
     if args.url and "mqtt" in strategies and not args.mqtt_url:
         parser.error("--url with the mqtt strategy needs --mqtt-url")
-    if args.url and not args.api_key:
-        parser.error("--url needs --api-key to publish")
     if min(args.clients, args.rate, args.duration, args.poll_interval) <= 0:
         parser.error("--clients, --rate, --duration, --poll-interval: above 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
     return Options(
         clients=args.clients,
@@ -123,7 +187,8 @@ def parse_args(argv: list[str]) -> Options:
         api_key=args.api_key,
         mqtt_url=args.mqtt_url,
         progress=not args.no_progress,
-        command=shlex.join(["gateway", "bench", *argv]),
+        # Only reports read it: the secrets are masked once, here.
+        command=masked_command(["gateway", "bench", *argv], _report_secrets(args)),
     )
 
 
@@ -200,8 +265,10 @@ class _CountedWebSocket(WebSocketClient):
 class _CountedMqtt(MqttClient):
     """The benchmark's MQTT subscriber, counting bytes and packets both ways."""
 
-    def __init__(self, tally: Tally, wire: Wire) -> None:
-        super().__init__(tally, keepalive=60)
+    def __init__(
+        self, tally: Tally, wire: Wire, login: tuple[str | None, str | None]
+    ) -> None:
+        super().__init__(tally, keepalive=60, username=login[0], password=login[1])
         self.wire = wire
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -251,11 +318,13 @@ async def _open_ws(fleet: Fleet, port: int, topic: str) -> None:
                 raise BenchError(f"subscription refused: {message}")
 
 
-async def _open_mqtt(fleet: Fleet, host: str, port: int, topic: str) -> None:
+async def _open_mqtt(
+    fleet: Fleet, host: str, port: int, topic: str, login: tuple[str | None, str | None]
+) -> None:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(_START_TIMEOUT):
         _, client = await loop.create_connection(
-            lambda: _CountedMqtt(fleet.tally, fleet.wire), host, port
+            lambda: _CountedMqtt(fleet.tally, fleet.wire, login), host, port
         )
         fleet.closers.append(client.abort)
         await client.opened
@@ -326,6 +395,8 @@ class Target:
     api_key: str
     mqtt_host: str | None = None
     mqtt_port: int | None = None
+    #: User name and password of a broker given by URL; anonymous when None.
+    mqtt_login: tuple[str | None, str | None] = (None, None)
     deployment: Deployment | None = None
     broker_name: str | None = None
 
@@ -351,13 +422,15 @@ def _mosquitto_version() -> str | None:
 
 async def _start_target(options: Options, strategy: str, log_dir: Path) -> Target:
     if options.url is not None:
-        parts = urlsplit(options.url)
-        target = Target(parts.hostname or HOST, parts.port or 80, options.api_key or "")
+        host, port = http_address(options.url)
+        target = Target(host, port, options.api_key or "")
         if strategy == "mqtt" and options.mqtt_url:
-            broker = urlsplit(options.mqtt_url)
-            target.mqtt_host = broker.hostname or HOST
-            target.mqtt_port = broker.port or 1883
-            target.broker_name = f"given by URL ({broker.hostname}:{broker.port})"
+            from gateway.transports.mqtt import parse_broker_url
+
+            broker = parse_broker_url(options.mqtt_url)
+            target.mqtt_host, target.mqtt_port = broker.host, broker.port
+            target.mqtt_login = (broker.username, broker.password)
+            target.broker_name = f"given by URL ({broker.host}:{broker.port})"
         return target
     kind = "gateway"
     broker_name = None
@@ -511,7 +584,9 @@ async def _connect(
                 await _open_ws(fleet, target.http_port, topic)
             else:
                 assert target.mqtt_host is not None and target.mqtt_port is not None
-                await _open_mqtt(fleet, target.mqtt_host, target.mqtt_port, topic)
+                await _open_mqtt(
+                    fleet, target.mqtt_host, target.mqtt_port, topic, target.mqtt_login
+                )
             bar.advance(task, 1)
 
     await asyncio.gather(*(one() for _ in range(n)))
@@ -679,12 +754,17 @@ def main(argv: list[str]) -> int:
     """Run the benchmark, write the report, print its summary; return the status."""
     from clients._bench_report import write_report
 
+    stop_on_sigterm()
     options = parse_args(argv)
     limit = raise_open_files_limit()
     if limit < options.clients + 512:
         print(f"gateway bench: open-files limit {limit} is too low", file=sys.stderr)
         return 2
-    options.out.mkdir(parents=True, exist_ok=True)
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"gateway bench: --out {options.out}: {exc.strerror}", file=sys.stderr)
+        return 2
     started = datetime.now(UTC)
     load_before = _load_average()
     try:
@@ -702,7 +782,9 @@ def main(argv: list[str]) -> int:
         "load_average_before": load_before,
         "load_average_after": _load_average(),
         "command": options.command,
-        "gateway": options.url or "started by the benchmark (in-memory state)",
+        "gateway": masked_url(options.url)
+        if options.url
+        else "started by the benchmark (in-memory state)",
     }
     summary = write_report(options, meta, results)
     print(summary)

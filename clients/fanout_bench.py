@@ -47,6 +47,7 @@ from pathlib import Path
 import orjson
 import uvloop
 
+from clients._cli import stop_on_sigterm
 from clients._metrics import Readings, bridge_counters, phase_metrics
 from clients._mqtt_wire import MqttClient, open_mqtt_client
 from clients._publish import HttpPublisher, Publisher, WebSocketPublisher
@@ -725,6 +726,7 @@ def _faults(metrics: dict[str, float], phase: str) -> str:
 
 def main(argv: list[str]) -> int:
     """Run the benchmark; print the report; return the exit status."""
+    stop_on_sigterm()
     options = parse_args(argv)
     limit = raise_open_files_limit()
     if limit < options.subscribers + 256:

@@ -37,6 +37,8 @@ import orjson
 import psutil
 import uvloop
 
+from clients._cli import http_address, stop_on_sigterm
+
 __all__ = ["main"]
 
 HOST = "127.0.0.1"
@@ -69,20 +71,44 @@ class RunResult:
     errors: int
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The benchmark's options."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway poll-bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds")
-    parser.add_argument("--rate", type=float, default=10.0, help="events/s")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--url", help="a running gateway (else one is started)")
-    parser.add_argument("--api-key", help="the running gateway's API key")
-    return parser.parse_args(argv)
+    add = parser.add_argument
+    add("--clients", type=int, default=1000, help="polling clients")
+    add("--interval", type=float, default=1.0, help="seconds between polls")
+    add("--rate", type=float, default=10.0, help="events published per second")
+    add("--warmup", type=float, default=3.0, help="seconds before counting")
+    add("--duration", type=float, default=15.0, help="seconds counted")
+    add("--runs", type=int, default=3, help="runs; the report gives medians")
+    add("--url", help="a running gateway, http://host[:port] (else one is started)")
+    add("--api-key", help="the running gateway's API key; needed with --url")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options; exit with status 2 on a bad one."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    for name in ("clients", "runs"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    for name in ("interval", "rate", "duration"):
+        if getattr(options, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if options.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    if options.url is not None:
+        try:
+            http_address(options.url)
+        except ValueError as exc:
+            parser.error(f"--url: {exc}")
+        if not options.api_key:
+            parser.error("--url needs --api-key to publish")
+        # Paths are appended to it.
+        options.url = options.url.rstrip("/")
+    return options
 
 
 def _free_port() -> int:
@@ -112,15 +138,30 @@ def _start_gateway(api_key: str) -> tuple[subprocess.Popen[bytes], str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 15
+    try:
+        _wait_ready(url, within=15.0)
+    except BaseException:
+        # Interrupted or never ready: the gateway must not outlive the benchmark.
+        process.kill()
+        process.wait()
+        raise
+    return process, url
+
+
+def _wait_ready(url: str, *, within: float) -> None:
+    """Return once ``url`` answers ``/readyz`` with 200, within seconds.
+
+    Raises:
+        RuntimeError: it did not in time.
+    """
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    process.kill()
     raise RuntimeError("the gateway did not become ready")
 
 
@@ -154,7 +195,7 @@ async def _client(
     """Poll on a fixed clock until the window ends; count what lies inside it."""
     tally = Tally()
     parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    reader, writer = await asyncio.open_connection(*http_address(url))
     since = 0
     etag: bytes | None = None
     tick = 0
@@ -260,7 +301,11 @@ def _one_run(options: argparse.Namespace) -> RunResult:
     finally:
         if process is not None:
             process.terminate()
-            process.wait(15)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     seconds = options.duration
     delays = sorted(tally.delays) or [float("nan")]
     per_client = seconds * options.clients
@@ -301,6 +346,7 @@ def _report(options: argparse.Namespace, runs: list[RunResult]) -> str:
 
 def main(argv: list[str]) -> int:
     """Run the benchmark; print the report; return the exit status."""
+    stop_on_sigterm()
     options = parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
