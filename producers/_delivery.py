@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "DeliveryError",
     "Totals",
     "backoff_delays",
+    "check_gateway_url",
     "is_retryable",
     "run_until",
     "stop_signals",
@@ -38,20 +40,53 @@ class DeliveryError(Exception):
 
     Attributes:
         status: the HTTP status of a refusal; None after retries ran out.
+        retries: the retries made before the delivery failed for good.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retries: int = 0
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retries = retries
 
 
 @dataclass
 class Totals:
-    """What a producer run did, reported at its end and in its exit status."""
+    """What a producer run did, reported at its end and in its exit status.
+
+    Attributes:
+        sent: items the gateway acknowledged.
+        failed: items that failed for good.
+        retries: every retry made, those of deliveries that finally failed too.
+    """
 
     sent: int = 0
     failed: int = 0
     retries: int = 0
+
+
+def check_gateway_url(url: str) -> None:
+    """Refuse a gateway base URL that no request could reach.
+
+    Checked at start, so that a typo fails at once rather than after the wait
+    for the gateway to be ready.
+
+    Raises:
+        ValueError: ``url`` is not http:// or https:// with a host; the message
+            names the option and the value.
+    """
+    problem = (
+        f"--url / GATEWAY_URL: not an http:// or https:// URL with a host: {url!r}"
+    )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        # Reading the port checks it: a port that is no number raises here.
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(problem) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(problem)
 
 
 def backoff_delays(

@@ -27,6 +27,7 @@ from producers._delivery import (
     DeliveryError,
     Totals,
     backoff_delays,
+    check_gateway_url,
     is_retryable,
     run_until,
     stop_signals,
@@ -149,16 +150,21 @@ class WebhookSender:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        # Retries made over this sender's life, those of deliveries that failed
+        # for good or were cut short included: a run's total.
+        self.retries_made = 0
 
     async def deliver(self, event_id: str, body: bytes) -> int:
         """Deliver one body until it is acknowledged; return the retries it took.
 
-        Cancelling is safe: a delivery cut short may or may not have arrived,
-        which the gateway's dedupe on the event id makes harmless on a later run.
+        Every retry also counts in ``retries_made``, whatever the delivery's
+        fate. Cancelling is safe: a delivery cut short may or may not have
+        arrived, which the gateway's dedupe on the event id makes harmless on a
+        later run.
 
         Raises:
             DeliveryError: refused (4xx other than 408 or 429), or still failing
-                after every retry.
+                after every retry; its ``retries`` says how many were made.
         """
         delays = backoff_delays(self.retries, base=self.backoff, cap=self.max_backoff)
         attempt = 0
@@ -180,11 +186,14 @@ class WebhookSender:
                     raise DeliveryError(
                         f"delivery {event_id} refused: {reason}",
                         status=response.status_code,
+                        retries=attempt,
                     )
             delay = next(delays, None)
             if delay is None:
                 raise DeliveryError(
-                    f"delivery {event_id} failed after {attempt + 1} attempts: {reason}"
+                    f"delivery {event_id} failed after {attempt + 1} attempts: "
+                    f"{reason}",
+                    retries=attempt,
                 )
             attempt += 1
             logger.warning(
@@ -195,6 +204,7 @@ class WebhookSender:
                 delay,
             )
             await asyncio.sleep(delay)
+            self.retries_made += 1
 
 
 def _body(match: Match, item: KeyEvent, event_id: str) -> bytes:
@@ -236,7 +246,13 @@ async def run(
 
     Returns:
         The deliveries made, failed and retried.
+
+    Raises:
+        ValueError: ``url`` is no http(s) URL, or the match file is not one.
+        DeliveryError: the gateway was not ready in time, or refused a delivery
+            with 401 or 403 (a wrong secret: every later one would be refused).
     """
+    check_gateway_url(url)
     match = load_match(path)
     schedule = match.schedule()
     totals = Totals()
@@ -266,6 +282,7 @@ async def run(
                 stop=stop,
                 duration=duration,
             )
+            totals.retries = sender.retries_made
     logger.info(
         "fixtures feed done: %d delivered, %d failed, %d retries",
         totals.sent,
@@ -293,11 +310,16 @@ async def _replay(
             await asyncio.sleep(max(0.0, started + due / speed - time.monotonic()))
             event_id = f"{run_id}-{round_number}-{index}"
             try:
-                totals.retries += await sender.deliver(
-                    event_id, _body(match, item, event_id)
-                )
+                await sender.deliver(event_id, _body(match, item, event_id))
             except DeliveryError as exc:
                 totals.failed += 1
+                if exc.status in (401, 403):
+                    # Every later delivery would be refused the same way.
+                    raise DeliveryError(
+                        f"{exc}; check --webhook-secret / GATEWAY_WEBHOOK_SECRET",
+                        status=exc.status,
+                        retries=exc.retries,
+                    ) from exc
                 logger.error("%s", exc)
                 continue
             totals.sent += 1

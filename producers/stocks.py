@@ -27,6 +27,7 @@ from producers._delivery import (
     DeliveryError,
     Totals,
     backoff_delays,
+    check_gateway_url,
     is_retryable,
     run_until,
     stop_signals,
@@ -155,13 +156,20 @@ class _Publisher:
         self.client = client
         self.url = f"{url}/events"
         self.headers = {"Authorization": f"Bearer {api_key}"}
+        # Retries allowed per batch.
         self.retries = retries
+        # Retries made over this publisher's life, those of batches that failed
+        # for good or were cut short included: the run's total.
+        self.retries_made = 0
 
     async def post(self, items: list[dict[str, Any]]) -> int:
         """Publish one batch; return the retries it took.
 
+        Every retry also counts in ``retries_made``, whatever the batch's fate.
+
         Raises:
-            DeliveryError: refused, or still failing after every retry.
+            DeliveryError: refused, or still failing after every retry; its
+                ``retries`` says how many were made.
         """
         delays = backoff_delays(self.retries, base=0.2, cap=5.0)
         # One key for every attempt of this batch: a retry after an answer that
@@ -181,18 +189,21 @@ class _Publisher:
                     raise DeliveryError(
                         f"{len(items)} prices refused: {reason}",
                         status=response.status_code,
+                        retries=attempt,
                     )
             delay = next(delays, None)
             if delay is None:
                 raise DeliveryError(
                     f"{len(items)} prices not sent after {attempt + 1} attempts: "
-                    f"{reason}"
+                    f"{reason}",
+                    retries=attempt,
                 )
             attempt += 1
             logger.warning(
                 "publish failed (%s); retry %d in %.2f s", reason, attempt, delay
             )
             await asyncio.sleep(delay)
+            self.retries_made += 1
 
 
 def _offsets(
@@ -239,8 +250,11 @@ async def run(
         The prices sent and failed, and the retries made.
 
     Raises:
-        ValueError: neither or both of ``rate`` and ``speed`` are usable.
+        ValueError: ``url`` is no http(s) URL, or neither or both of ``rate``
+            and ``speed`` are usable.
+        DeliveryError: the gateway was not ready in time, or refused the API key.
     """
+    check_gateway_url(url)
     if (rate is None) == (speed is None) or (rate or speed or 0) <= 0:
         raise ValueError("give one of rate and speed, above 0")
     prices = load_prices(path, symbols)
@@ -264,6 +278,7 @@ async def run(
                 stop=stop,
                 duration=duration,
             )
+            totals.retries = publisher.retries_made
     logger.info(
         "stock feed done: %d prices sent, %d failed, %d retries",
         totals.sent,
@@ -303,7 +318,7 @@ async def _replay(
                 items.append(price_event(item, previous.get(item.symbol), sent_at))
                 previous[item.symbol] = item.price
             try:
-                totals.retries += await publisher.post(items)
+                await publisher.post(items)
                 totals.sent += len(items)
             except DeliveryError as exc:
                 totals.failed += len(items)

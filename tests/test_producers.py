@@ -38,7 +38,14 @@ from support import (
 from test_mqtt import Listener, wait_connected
 
 from gateway.ingress.webhooks import WebhookReceiver
-from producers._delivery import DeliveryError, backoff_delays
+from producers import fixtures as fixtures_feed
+from producers import stocks as stocks_feed
+from producers._delivery import (
+    DeliveryError,
+    Totals,
+    backoff_delays,
+    check_gateway_url,
+)
 from producers.fixtures import WebhookSender, load_match, signed_headers
 from producers.stocks import default_prices_path, load_prices, price_event
 
@@ -140,6 +147,163 @@ def test_producer_signature_is_what_the_gateway_verifies() -> None:
     receiver.verify(signed_headers(SECRET.encode(), body), body)
     with pytest.raises(Exception, match="does not match"):
         receiver.verify(signed_headers(SECRET.encode(), body), body + b" ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000", "https://gateway.example.com", "http://[::1]:80/base"],
+)
+def test_gateway_url_with_http_and_a_host_passes(url: str) -> None:
+    """An http or https URL with a host, a port or a path is a gateway URL."""
+    check_gateway_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "ftp://x", "http:", "https://", "127.0.0.1:8000", "http://x:y"]
+)
+def test_gateway_url_without_http_or_a_host_is_refused(url: str) -> None:
+    """A value that is no http(s) URL with a host is refused, naming --url."""
+    with pytest.raises(ValueError, match="^--url / GATEWAY_URL: .*") as caught:
+        check_gateway_url(url)
+    assert repr(url) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("command", "url"), [("stocks", "notaurl"), ("fixtures", "ftp://x")]
+)
+def test_producer_refuses_a_bad_url_at_once(command: str, url: str) -> None:
+    """``gateway produce`` with a bad --url exits 1 at once, in one line naming
+    --url, instead of waiting --wait seconds for a gateway it cannot reach."""
+    environ = {
+        **os.environ,
+        "GATEWAY_API_KEY": API_KEY,
+        "GATEWAY_WEBHOOK_SECRET": SECRET,
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "produce", command, "--url", url],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout(20),
+    )
+    elapsed = time.monotonic() - started
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1, output
+    assert output.splitlines() == [
+        f"Error: --url / GATEWAY_URL: not an http:// or https:// URL with a host: "
+        f"{url!r}"
+    ]
+    # Python's start and imports only: far below the 30 s of --wait.
+    assert elapsed < timeout(10), elapsed
+
+
+# Retry counts, against a gateway stand-in that is always unavailable.
+
+
+def always_unavailable(request: httpx.Request) -> httpx.Response:
+    """Answer every request 503, as a gateway whose Redis is away does."""
+    return httpx.Response(503, json={"error": {"code": "unavailable"}})
+
+
+async def test_sender_counts_the_retries_of_failed_deliveries() -> None:
+    """Retries of deliveries that fail for good count: in the error and in the
+    sender's total, which adds up every delivery's."""
+    transport = httpx.MockTransport(always_unavailable)
+    async with httpx.AsyncClient(transport=transport) as client:
+        sender = WebhookSender(
+            client,
+            "http://gateway.test/webhooks/fixtures",
+            b"secret",
+            retries=2,
+            backoff=0.01,
+        )
+        for number in range(2):
+            with pytest.raises(DeliveryError, match="after 3 attempts") as caught:
+                await sender.deliver(f"down-{number}", b"{}")
+            assert caught.value.retries == 2
+    assert sender.retries_made == 4
+
+
+class UnavailableGateway:
+    """A stand-in gateway on a free port: ready, but answering every publish and
+    every webhook delivery with 503, and counting them."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Publish and delivery attempts received.
+        self.attempts = 0
+        app = Starlette(
+            routes=[
+                Route("/readyz", self.ready),
+                Route("/events", self.refuse, methods=["POST"]),
+                Route("/webhooks/fixtures", self.refuse, methods=["POST"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+
+    async def ready(self, request: Request) -> Response:
+        return JSONResponse({"status": "ready"})
+
+    async def refuse(self, request: Request) -> Response:
+        self.attempts += 1
+        return JSONResponse({"error": {"code": "unavailable"}}, 503)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[UnavailableGateway]:
+        task = asyncio.create_task(self.server.serve())
+
+        async def started() -> bool:
+            return bool(self.server.started)
+
+        await wait_until(started, 5, "stand-in gateway started")
+        try:
+            yield self
+        finally:
+            self.server.should_exit = True
+            await task
+
+
+async def test_stock_totals_count_the_retries_of_failed_batches(
+    tmp_path: Path,
+) -> None:
+    """The stock feed's totals count every retry, those of batches that failed
+    for good included."""
+    path = tmp_path / "two.csv"
+    path.write_text("symbol,time,price\nACME,2024-01-02,1\nACME,2024-01-03,2\n")
+    async with UnavailableGateway().running() as gateway:
+        totals = await stocks_feed.run(
+            gateway.url, API_KEY, rate=10.0, path=path, retries=1, wait=5
+        )
+    # Two batches of one price, each tried twice.
+    assert totals == Totals(sent=0, failed=2, retries=2)
+    assert gateway.attempts == 4
+
+
+async def test_fixtures_totals_count_the_retries_of_failed_deliveries(
+    tmp_path: Path,
+) -> None:
+    """The fixtures feed's totals count every retry, those of deliveries that
+    failed for good included."""
+    path = tmp_path / "match.json"
+    match = {
+        "fixture": {"date": "2024-01-02", "home": "AAA", "away": "BBB"},
+        "events": [
+            {"minute": 0, "type": "MATCH_STARTED", "details": {}},
+            {"minute": 1, "type": "GOAL_SCORED", "details": {"team": "AAA"}},
+        ],
+    }
+    path.write_bytes(orjson.dumps(match))
+    async with UnavailableGateway().running() as gateway:
+        totals = await fixtures_feed.run(
+            gateway.url, SECRET, speed=600.0, path=path, retries=1, wait=5
+        )
+    assert totals == Totals(sent=0, failed=2, retries=2)
+    assert gateway.attempts == 4
 
 
 # The stock producer.
@@ -298,20 +462,31 @@ async def test_forged_and_stale_deliveries_are_refused(
                 response = await http.post(url, content=content, headers=headers)
                 assert response.status_code == 401, response.text
                 assert response.json()["error"]["code"] == "unauthorized"
+            await ws.expect_silence(0.5)
+
+
+async def test_fixtures_producer_stops_at_the_first_refusal(tmp_path: Path) -> None:
+    """With a wrong webhook secret the fixtures producer, even with --loop, stops
+    at the first 401 and exits 1 with one line naming the secret's setting."""
+    with running_gateway(tmp_path, webhook_secret=SECRET) as gateway:
+        async with ws_client(gateway) as ws:
+            await ws.subscribe("fixtures/#", "teams/#")
             process = produce(
                 gateway,
                 "fixtures",
                 "--speed",
                 "600",
-                "--retries",
-                "0",
+                "--loop",
                 GATEWAY_WEBHOOK_SECRET="a-wrong-secret-for-this-gateway",
             )
             assert process.wait(timeout(20)) == 1
             await ws.expect_silence(0.5)
         log = producer_log(gateway, "fixtures")
-    assert "refused: HTTP 401" in log
-    assert f"{len(match.events)} deliveries failed for good" in log
+    [error] = [line for line in log.splitlines() if "refused" in line]
+    assert error.startswith("Error: delivery "), log
+    assert "refused: HTTP 401" in error
+    assert error.endswith("check --webhook-secret / GATEWAY_WEBHOOK_SECRET"), error
+    assert " ERROR " not in log and "failed for good" not in log, log
 
 
 class LossyProxy:

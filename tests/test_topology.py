@@ -1,9 +1,11 @@
 """The local topology of ``deploy/local/topology.sh``: replicas behind HAProxy.
 
-The script starts two gateway replicas, HAProxy in front of them, a Redis and a
-Mosquitto with the shipped configuration and ACL, all on free loopback ports; the
-test drives WebSocket clients through the load balancer and MQTT clients on the
-broker, then stops one replica while events keep coming.
+The script starts two gateway replicas, HAProxy in front of them, a job worker, a
+Redis and a Mosquitto with the shipped configuration and ACL, all on free loopback
+ports; the tests drive WebSocket clients through the load balancer and MQTT clients
+on the broker, then stop one replica while events keep coming, and run a job posted
+through the load balancer. Others check that a start that cannot succeed refuses
+early or stops what it started.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -57,45 +60,124 @@ class Topology:
             parts.append(f"--- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
 
-    def script(self, command: str) -> str:
-        result = subprocess.run(
+    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+        """Run ``topology.sh command``, whatever its exit status."""
+        return subprocess.run(
             ["bash", str(SCRIPT), command],
             env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout(60),
         )
+
+    def script(self, command: str) -> str:
+        """Run ``topology.sh command``; its output, or a failure with the logs."""
+        result = self.run(command)
         output = result.stdout + result.stderr
         if result.returncode != 0:
             raise RuntimeError(f"topology.sh {command} failed:\n{output}{self.logs()}")
         return output
 
 
-@pytest.fixture
-def topology(tmp_path: Path) -> Iterator[Topology]:
-    """The topology started by the script on free ports; stopped by it after."""
+def make_topology(tmp_path: Path, **ports: int) -> Topology:
+    """A topology on free ports, or on the ``ports`` given by name; not started."""
     names = ["lb", "g1", "g2", "redis", "mqtt", "mqtt_ws"]
-    ports = {name: free_port() for name in names}
+    chosen = {name: ports.get(name) or free_port() for name in names}
     directory = tmp_path / "topology"
     # The gateway settings of the test run (a shared Redis prefix, say) are not
     # the topology's: it gets only its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update({f"TOPOLOGY_{name.upper()}_PORT": str(ports[name]) for name in names})
+    env.update({f"TOPOLOGY_{name.upper()}_PORT": str(chosen[name]) for name in names})
     env.update(
         {
             "TOPOLOGY_DIR": str(directory),
             "TOPOLOGY_VIEWER_PASSWORD": VIEWER_PASSWORD,
+            "TOPOLOGY_WORKER_JOBS": "2",
             "GATEWAY_API_KEY": API_KEY,
             "GATEWAY_LOG_LEVEL": "info",
         }
     )
-    topology = Topology(ports, directory, env)
+    return Topology(chosen, directory, env)
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[Topology]:
+    """The topology started by the script on free ports; stopped by it after."""
+    topology = make_topology(tmp_path)
     try:
         status = topology.script("start")
         assert "haproxy: pid" in status, status
+        assert "worker: pid" in status, status
         yield topology
     finally:
         topology.script("stop")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_start_refuses_a_taken_port_and_starts_nothing(tmp_path: Path) -> None:
+    """When something else listens on its Redis port, start refuses at once with
+    the port and its variable, and starts nothing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        topology = make_topology(tmp_path, redis=port)
+        result = topology.run("start")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"port {port} is taken" in result.stderr
+    assert "TOPOLOGY_REDIS_PORT" in result.stderr
+    assert not list(topology.directory.glob("*.pid"))
+    assert not _listening(topology.ports["mqtt"])
+
+
+def test_start_stops_what_it_started_when_a_part_fails(tmp_path: Path) -> None:
+    """A part that exits while starting (here for a bad setting) is reported with
+    the end of its log, and what had started is stopped again."""
+    topology = make_topology(tmp_path)
+    topology.env["GATEWAY_LOG_FORMAT"] = "not-a-format"
+    result = topology.run("start")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "worker exited while starting" in result.stderr, result.stderr
+    assert "GATEWAY_LOG_FORMAT" in result.stderr, result.stderr
+    assert "stopping what it started" in result.stderr, result.stderr
+    assert not list(topology.directory.glob("*.pid"))
+    for name in ("redis", "mqtt", "g1", "g2", "lb"):
+        assert not _listening(topology.ports[name]), name
+
+
+@pytest.mark.timeout(90)
+async def test_job_posted_through_the_load_balancer_runs_on_the_worker(
+    topology: Topology, http: httpx.AsyncClient
+) -> None:
+    """The replicas run no jobs; a job posted through HAProxy is run by the
+    topology's worker and ends succeeded, as seen through HAProxy."""
+    lb = topology.url("lb")
+    response = await http.post(
+        f"{lb}/jobs",
+        json={"kind": "db-refresh", "params": {"step_seconds": 0.05}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    job: dict[str, object] = {}
+
+    async def finished() -> bool:
+        answer = await http.get(f"{lb}/jobs/{job_id}")
+        assert answer.status_code == 200, answer.text
+        job.update(answer.json())
+        if job["state"] in ("queued", "running"):
+            # Polling a job that runs for a fraction of a second.
+            await asyncio.sleep(0.1)
+            return False
+        return True
+
+    await wait_until(finished, 15, f"job {job_id} finished")
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 100, job
 
 
 class MqttFollower:
