@@ -50,7 +50,10 @@ def create_app(runtime: Runtime) -> Starlette:
         try:
             # The jobs API and this replica's job workers (see gateway/jobs).
             jobs = JobService.from_settings(
-                runtime.settings, publish=runtime.publish, metrics=runtime.metrics
+                runtime.settings,
+                publish=runtime.publish,
+                metrics=runtime.metrics,
+                expire_topic=runtime.backend.expire_topic,
             )
             await jobs.start()
             webhooks = WebhookReceiver.from_settings(

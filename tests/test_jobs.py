@@ -9,18 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
 from prometheus_client import CollectorRegistry
 from services import RedisServer
 from support import (
     API_KEY,
     Gateway,
+    admin_stats,
     assert_no_error_logged,
     read_metrics,
     running_gateway,
@@ -36,9 +38,10 @@ from gateway.jobs.builtin import DbRefresh, Report
 from gateway.jobs.kinds import load_kinds
 from gateway.jobs.metrics import JobMetrics
 from gateway.jobs.model import Job, JobState
-from gateway.jobs.redis_store import RedisJobStore
+from gateway.jobs.redis_store import UNFINISHED_TTL, RedisJobStore
 from gateway.jobs.runner import WorkerPool
 from gateway.jobs.store import Lease, LeaseLost, MemoryJobStore, Update
+from gateway.state.memory import MemoryBackend
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -940,3 +943,235 @@ async def test_report_summarises_the_shipped_release_data() -> None:
     gaps = result["daysBetweenReleases"]
     assert gaps["count"] == result["releases"] - 1
     assert gaps["min"] <= gaps["median"] <= gaps["max"]
+
+
+# Expiry of job records and topics, and long polls whose clients go.
+
+
+def _topic_keys(job_id: str) -> list[str]:
+    """The Redis keys of a job's topic, under the test's prefix."""
+    prefix = os.environ["GATEWAY_REDIS_PREFIX"]
+    return [f"{prefix}{{jobs/{job_id}}}:{kind}" for kind in ("seq", "history")]
+
+
+async def _topic_forgotten(
+    http: httpx.AsyncClient, gateway: Gateway, backend: str, job_id: str
+) -> bool:
+    """Whether polling the job's topic reads as an unknown topic, and no state of
+    it is left: not in /admin/stats, nor (Redis) in keys."""
+    poll = await http.get(f"{gateway.http_url}/topics/jobs/{job_id}/events?since=0")
+    assert poll.status_code == 200, poll.text
+    body = poll.json()
+    if body["events"] or body["lastOffset"] != 0:
+        return False
+    assert body["nextOffset"] == 0 and body["firstOffset"] == 0, body
+    stats = await admin_stats(http, gateway)
+    if any(item["topic"] == f"jobs/{job_id}" for item in stats["topics"]):
+        return False
+    if backend == "redis":
+        client = redis.asyncio.Redis.from_url(os.environ["GATEWAY_REDIS_URL"])
+        try:
+            return await client.exists(*_topic_keys(job_id)) == 0
+        finally:
+            await client.aclose()
+    return True
+
+
+async def test_a_finished_jobs_topic_expires_with_its_record(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """With --job-ttl 1, once a finished job's record is gone (404) its topic is
+    too: a poll of jobs/<id> from 0 answers no events and offset 0, as for a topic
+    never published on, and neither /admin/stats nor Redis keeps any of it."""
+    with running_gateway(tmp_path, job_ttl=1) as gateway:
+        posted = await submit(http, gateway, "report")
+        job_id = posted["id"]
+        await follow(http, gateway, job_id, finished)
+        url = f"{gateway.http_url}/topics/jobs/{job_id}/events?since=0"
+        types = [e["eventType"] for e in (await http.get(url)).json()["events"]]
+        assert types[0] == "JOB_QUEUED" and types[-1] == "JOB_SUCCEEDED", types
+        if backend == "redis":
+            client = redis.asyncio.Redis.from_url(os.environ["GATEWAY_REDIS_URL"])
+            try:
+                for key in _topic_keys(job_id):
+                    assert 0 < await client.pttl(key) <= 1000, key
+            finally:
+                await client.aclose()
+
+        async def record_gone() -> bool:
+            return (await get_job(http, gateway, job_id)).status_code == 404
+
+        async def topic_gone() -> bool:
+            return await _topic_forgotten(http, gateway, backend, job_id)
+
+        await wait_until(record_gone, 5, "finished job expired")
+        await wait_until(topic_gone, 3, "its topic expired")
+        assert_no_error_logged(gateway)
+
+
+async def test_the_topic_of_a_job_cancelled_while_queued_expires(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """A job cancelled while queued (no worker ran it) has its topic forgotten
+    --job-ttl after its cancel, like one a worker finished."""
+    with running_gateway(tmp_path, job_ttl=1, job_workers=0) as gateway:
+        posted = await submit(http, gateway)
+        job_id = posted["id"]
+        cancelled = await http.delete(f"{gateway.http_url}/jobs/{job_id}", headers=AUTH)
+        assert cancelled.status_code == 200, cancelled.text
+
+        async def topic_gone() -> bool:
+            return await _topic_forgotten(http, gateway, backend, job_id)
+
+        await wait_until(topic_gone, 4, "the cancelled job's topic expired")
+        assert (await get_job(http, gateway, job_id)).status_code in (200, 404)
+
+
+async def test_memory_backend_forgets_an_expired_topic() -> None:
+    """MemoryBackend.expire_topic drops the topic's history, last offset and timer
+    once its time is up, and another topic is untouched."""
+    backend = MemoryBackend(history_size=10)
+    drafts = [Draft(t, "tests", "THING_HAPPENED", {}) for t in ("jobs/a", "keep/b")]
+    await backend.publish(drafts, max_bytes=10_000)
+    await backend.expire_topic("jobs/a", 0.05)
+    assert (await backend.read_history("jobs/a", 0, 10)).last_offset == 1
+    await asyncio.sleep(0.2)
+    read = await backend.read_history("jobs/a", 0, 10)
+    assert (list(read.events), read.first_offset, read.last_offset) == ([], 0, 0)
+    assert "jobs/a" not in backend._history
+    assert "jobs/a" not in backend._last_offset
+    assert not backend._expiries
+    assert [s.name for s in await backend.topic_stats()] == ["keep/b"]
+    await backend.close()
+
+
+async def test_a_job_queued_and_a_step_longer_than_job_ttl_still_run(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """--job-ttl 2 bounds finished jobs only: in a one-worker pool, a job whose one
+    step lasts 3 s without a record write, and a job queued behind it for over
+    2 s, both run and succeed; the first is readable throughout its step."""
+    with running_gateway(tmp_path, job_ttl=2, job_workers=1) as gateway:
+        ahead = await submit(
+            http, gateway, step_seconds=0, durations={"snapshot": 3.0}, ticks=1
+        )
+        behind = await submit(http, gateway, step_seconds=0.1, ticks=1)
+        await follow(http, gateway, ahead["id"], lambda j: j["step"] is not None)
+        await asyncio.sleep(2.5)
+        mid_step = await get_job(http, gateway, ahead["id"])
+        assert mid_step.status_code == 200, mid_step.text
+        assert mid_step.json()["step"]["name"] == "snapshot"
+        queued = await get_job(http, gateway, behind["id"])
+        assert queued.status_code == 200, queued.text
+        assert queued.json()["state"] == "queued"
+
+        last = (await follow(http, gateway, behind["id"], finished, 15))[-1]
+        assert last["state"] == "succeeded", last
+        assert iso(last["startedAt"]) - iso(last["createdAt"]) > 2, last
+        first = (await follow(http, gateway, ahead["id"], finished, 5))[-1]
+        assert first["state"] == "succeeded", first
+        log = gateway.log()
+        assert "took over" not in log, log
+        assert_no_error_logged(gateway)
+
+
+async def test_redis_records_expire_only_once_finished(shared_redis: str) -> None:
+    """A queued or running record keeps the long unfinished time to live (renewed
+    by the lease keeper while running), and gets the job ttl when it finishes."""
+    store = await _redis_store(shared_redis)
+    client = store._client()
+    key = None
+    try:
+        job = _new_job()
+        key = store._key(job.id)
+        await store.reserve(job.id)
+        await store.create(job)
+        assert await client.pttl(key) > (UNFINISHED_TTL - 60) * 1000
+        delivery = (await store.take(1, 0.1))[0]
+        lease = await store.acquire(delivery, 5)
+        assert lease is not None
+        await store.update(job.id, {"state": JobState.RUNNING, "attempts": 1})
+        lease.attempt = 1
+        await client.pexpire(key, 10_000)
+        assert await store.renew(lease, 5)
+        assert await client.pttl(key) > (UNFINISHED_TTL - 60) * 1000
+        final = {"state": JobState.SUCCEEDED, "finished_at": time.time()}
+        update = await store.update(job.id, final, lease=lease)
+        assert update is not None and update.applied
+        assert 0 < await client.pttl(key) <= 60_000
+        # A renewal racing the final write leaves the finished record's ttl.
+        await store.renew(lease, 5)
+        assert 0 < await client.pttl(key) <= 60_000
+    finally:
+        await store.close()
+
+
+async def test_long_polls_stop_when_their_clients_go(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """50 long polls of 30 s over raw sockets are counted in gateway_long_polls;
+    once their clients close the sockets, every one ends within a second."""
+    with running_gateway(tmp_path, job_workers=0) as gateway:
+        posted = await submit(http, gateway)
+        job_id = posted["id"]
+        etag = (await get_job(http, gateway, job_id)).headers["etag"]
+        request = (
+            f"GET /jobs/{job_id}?wait=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"If-None-Match: {etag}\r\n\r\n"
+        ).encode()
+        writers = []
+        for _ in range(50):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(request)
+            writers.append(writer)
+
+        def polls(count: int) -> Callable[[], Awaitable[bool]]:
+            async def reached() -> bool:
+                samples = await read_metrics(http, gateway)
+                return samples["gateway_long_polls"] == count
+
+            return reached
+
+        await wait_until(polls(50), 5, "50 long polls waiting")
+        for writer in writers:
+            writer.close()
+        closed = time.monotonic()
+        await wait_until(polls(0), 1, "long polls ended with their clients")
+        assert time.monotonic() - closed < timeout(1)
+        for writer in writers:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        # The job is still there to poll, and a poll that stays is answered.
+        waited = await get_job(http, gateway, job_id, etag=etag, wait=0.3)
+        assert waited.status_code == 304
+        assert_no_error_logged(gateway)
+
+
+async def test_a_long_poll_on_any_etag_returns_at_the_first_change(
+    tmp_path: Path, backend: str, http: httpx.AsyncClient
+) -> None:
+    """If-None-Match: * answers 304 for a job that exists; with ?wait=N it holds
+    the poll until the job's first change and answers 200 with the new state, or
+    304 after N s without one."""
+    with running_gateway(tmp_path, job_workers=0) as gateway:
+        posted = await submit(http, gateway)
+        job_id = posted["id"]
+        assert (await get_job(http, gateway, job_id, etag="*")).status_code == 304
+
+        started = time.monotonic()
+        quiet = await get_job(http, gateway, job_id, etag="*", wait=0.6)
+        assert quiet.status_code == 304
+        assert time.monotonic() - started >= 0.55
+
+        async def cancel_soon() -> httpx.Response:
+            await asyncio.sleep(0.5)
+            return await http.delete(f"{gateway.http_url}/jobs/{job_id}", headers=AUTH)
+
+        started = time.monotonic()
+        long_poll, cancel = await asyncio.gather(
+            get_job(http, gateway, job_id, etag="*", wait=20), cancel_soon()
+        )
+        assert cancel.status_code == 200, cancel.text
+        assert long_poll.status_code == 200, long_poll.text
+        assert long_poll.json()["state"] == "cancelled"
+        assert time.monotonic() - started < timeout(2)

@@ -9,6 +9,7 @@ its full id, unless read rights name the ``jobs`` tree).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -49,6 +50,13 @@ def _runtime(request: Request) -> Runtime:
 def _jobs(request: Request) -> JobService:
     jobs: JobService = request.state.jobs
     return jobs
+
+
+def _names_any(header: str | None) -> bool:
+    """Tell whether an ``If-None-Match`` header holds ``*``."""
+    return header is not None and any(
+        candidate.strip() == "*" for candidate in header.split(",")
+    )
 
 
 def etag_matches(header: str | None, etag: str) -> bool:
@@ -178,30 +186,115 @@ async def job_status(request: Request) -> Response:
         job = await jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
             return _not_found(job_id)
-        # A long poll waits only while the client already has the current state
-        # and there is something left to happen.
-        deadline = time.monotonic() + wait
-        while (
-            not job.finished
-            and etag_matches(if_none_match, job.body_and_etag()[1])
-            and not runtime.draining
-        ):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            # In slices, so that a draining replica lets its long polls go.
-            await jobs.wait_change(job.id, job.version, min(left, _WAIT_SLICE))
-            latest = await jobs.get(job.id)
-            if latest is None:
+        first_etag = job.body_and_etag()[1]
+        if wait > 0 and _holds(job, if_none_match, first_etag, runtime):
+            waited = await _long_poll(request, jobs, runtime, job, if_none_match, wait)
+            if waited is None:
                 return _not_found(job_id)
-            job = latest
+            job = waited
+    except _ClientGone:
+        # Nobody reads this answer; the connection is closed already.
+        logger.debug("long poll of job %s ended: client gone", job_id)
+        return Response(status_code=204)
     except ClientError as exc:
         return _client_error(runtime, exc)
     except Unavailable as exc:
         return _unavailable(exc)
+    if _names_any(if_none_match) and job.body_and_etag()[1] != first_etag:
+        # '*' held the poll until the job changed: the client wants that change.
+        if_none_match = None
     return _job_response(
         job, runtime.settings.poll_interval, if_none_match=if_none_match
     )
+
+
+class _ClientGone(Exception):
+    """The client disconnected during its long poll."""
+
+
+def _holds(job: Job, if_none_match: str | None, first: str, runtime: Runtime) -> bool:
+    """Whether a long poll keeps waiting on ``job``.
+
+    It waits while the client already has the current state and there is
+    something left to happen. ``*`` names any state, so it waits only until the
+    first change after ``first``, the ETag the poll started with.
+    """
+    etag = job.body_and_etag()[1]
+    return (
+        not job.finished
+        and etag_matches(if_none_match, etag)
+        and (etag == first or not _names_any(if_none_match))
+        and not runtime.draining
+    )
+
+
+async def _long_poll(
+    request: Request,
+    jobs: JobService,
+    runtime: Runtime,
+    job: Job,
+    if_none_match: str | None,
+    wait: float,
+) -> Job | None:
+    """Wait ``wait`` seconds at most for ``job`` to change, or for the client to go.
+
+    Returns:
+        The job as it then is; None once it is gone (expired).
+
+    Raises:
+        _ClientGone: the client disconnected first; nothing reads for it since.
+        Unavailable: the store cannot be reached.
+    """
+    loop = asyncio.get_running_loop()
+    change = loop.create_task(_wait_change(jobs, runtime, job, if_none_match, wait))
+    gone = loop.create_task(_client_gone(request))
+    jobs.metrics.long_polls.inc()
+    try:
+        await asyncio.wait({change, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        change.cancel()
+        gone.cancel()
+        # Both end here, whatever ended the wait (the handler's own task may be
+        # cancelled too, at shutdown), so that no read outlives the request.
+        await asyncio.gather(change, gone, return_exceptions=True)
+        jobs.metrics.long_polls.dec()
+    if change.cancelled():
+        raise _ClientGone
+    return change.result()
+
+
+async def _wait_change(
+    jobs: JobService,
+    runtime: Runtime,
+    job: Job,
+    if_none_match: str | None,
+    wait: float,
+) -> Job | None:
+    """The job once ``_holds`` stops holding or ``wait`` s passed; None if gone."""
+    first = job.body_and_etag()[1]
+    deadline = time.monotonic() + wait
+    while _holds(job, if_none_match, first, runtime):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        # In slices, so that a draining replica lets its long polls go.
+        await jobs.wait_change(job.id, job.version, min(left, _WAIT_SLICE))
+        latest = await jobs.get(job.id)
+        if latest is None:
+            return None
+        job = latest
+    return job
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected.
+
+    A GET's body, if any, is read and dropped on the way: nothing else reads it.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def cancel_job(request: Request) -> Response:

@@ -8,7 +8,7 @@ __all__ = ["JobMetrics"]
 
 
 class JobMetrics:
-    """Jobs submitted, finished and running in this process."""
+    """Jobs submitted, finished and running in this process; long polls waiting."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.submitted = Counter(
@@ -31,6 +31,11 @@ class JobMetrics:
         self.running = Gauge(
             "gateway_jobs_running",
             "Jobs running in this process's worker pool now.",
+            registry=registry,
+        )
+        self.long_polls = Gauge(
+            "gateway_long_polls",
+            "Long polls (GET /jobs/{id}?wait=N) waiting on this replica now.",
             registry=registry,
         )
         self.claimed = Counter(

@@ -3,8 +3,11 @@
 Keys, with the configured prefix ``P`` (``gateway:`` by default):
 
 - ``Pjob:{<id>}``        a hash per job: its fields, JSON for the structured ones,
-  and ``version``, bumped by every change; it expires ``ttl`` seconds after its
-  last change (for a finished job, after it finished);
+  and ``version``, bumped by every change. A finished job's hash expires ``ttl``
+  seconds after it finished. An unfinished job's expires only
+  ``UNFINISHED_TTL`` (or ``ttl``, if longer) after its last change or lease
+  renewal: a queued job may wait, and a step may last, longer than ``ttl``, yet a
+  record whose queue entry was lost (deleted by hand) still ends;
 - ``Pjob:{<id>}:lease``  the job's lease: a worker's random token, expiring unless
   that worker renews it;
 - ``Pjob:{<id>}:ticket`` a short-lived booking of a job id being submitted;
@@ -50,7 +53,7 @@ from gateway.errors import Unavailable
 from gateway.jobs.model import Job, JobState
 from gateway.jobs.store import Delivery, JobStore, Lease, LeaseLost, Update
 
-__all__ = ["RedisJobStore"]
+__all__ = ["UNFINISHED_TTL", "RedisJobStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +66,14 @@ _SOCKET_TIMEOUT = 5.0
 #: script whose caller timed out can only run later than this after the ticket
 #: was made, so it finds the ticket gone and writes nothing.
 _TICKET_TTL = 3.0
+#: Seconds an unfinished job's record is kept after its last change or lease
+#: renewal (at least the finished jobs' ``ttl``). A running job's worker renews it
+#: every few seconds; a queued job waits this long at most.
+UNFINISHED_TTL = 7 * 86400.0
 _T = TypeVar("_T")
 
-# KEYS: the job hash, its ticket, the queue. ARGV: the record's time to live in
-# ms, the job id, then field and value pairs. Returns 1 once the job is recorded
+# KEYS: the job hash, its ticket, the queue. ARGV: the unfinished record's time to
+# live in ms, the job id, then field and value pairs. Returns 1 once the job is recorded
 # and queued (also when it already was: a repeated call), 0 when the ticket has
 # lapsed and nothing was written.
 _CREATE = """
@@ -91,9 +98,10 @@ end
 
 # KEYS: the job hash, its lease. ARGV: allowed states (comma-separated, or empty
 # for any), the lease token (empty: no check), the time now, the record's time to
-# live in ms, the run's attempt (empty: an expired lease is lost), the lease's time
-# to live in ms, then field and value pairs. Returns false for an unknown job, -1
-# for a lost lease, else {applied (0 or 1), the record's fields}.
+# live in ms once finished, the run's attempt (empty: an expired lease is lost),
+# the lease's time to live in ms, the record's time to live in ms while
+# unfinished, then field and value pairs. Returns false for an unknown job, -1 for
+# a lost lease, else {applied (0 or 1), the record's fields}.
 _UPDATE = (
     _RETAKE
     + """
@@ -107,29 +115,39 @@ local allowed = ',' .. ARGV[1] .. ','
 if ARGV[1] ~= '' and not string.find(allowed, ',' .. state .. ',', 1, true) then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' or state == 'running' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
 )
 
 # KEYS: a lease, its job hash. ARGV: the holder's token, the new time to live in
-# ms, the run's attempt (empty: an expired lease is lost). Returns 1 when renewed,
-# 2 when taken again after it expired, 0 when lost.
+# ms, the run's attempt (empty: an expired lease is lost), the unfinished record's
+# time to live in ms. Returns 1 when renewed, 2 when taken again after it expired,
+# 0 when lost. A renewal also keeps the record of a running job, however long its
+# step, from expiring; never that of a finished one.
 _RENEW = (
     _RETAKE
     + """
+local held = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if may_retake(KEYS[1], KEYS[2], ARGV[3]) then
+  held = 1
+elseif may_retake(KEYS[1], KEYS[2], ARGV[3]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
+  held = 2
 end
-return 0
+if held > 0 and redis.call('HGET', KEYS[2], 'state') == 'running' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return held
 """
 )
 
@@ -212,7 +230,7 @@ class RedisJobStore(JobStore):
             url: a ``redis://`` or ``rediss://`` URL.
             prefix: put before every key.
             consumer: this process's name in the consumer group.
-            ttl: seconds a record is kept after its last change.
+            ttl: seconds a finished job's record is kept after it finished.
             connections: most connections to Redis at once; a blocking read of
                 the queue holds one.
         """
@@ -227,6 +245,9 @@ class RedisJobStore(JobStore):
         self._update_script: Any = None
         self._renew_script: Any = None
         self._release_script: Any = None
+        # Seconds an unfinished job's record lives after its last change or
+        # lease renewal.
+        self._unfinished_ttl = max(ttl, UNFINISHED_TTL)
         # Where the next XAUTOCLAIM scan starts; it wraps around to 0-0.
         self._claim_cursor = "0-0"
 
@@ -292,7 +313,7 @@ class RedisJobStore(JobStore):
             {name: getattr(job, name) for name in Job.__dataclass_fields__}
         )
         keys = [self._key(job.id), self._ticket_key(job.id), self._queue]
-        args = [_ms(self.ttl), job.id, *fields]
+        args = [_ms(self._unfinished_ttl), job.id, *fields]
         created = await self._call(self._create_script(keys=keys, args=args))
         if not created:
             raise Unavailable(
@@ -325,6 +346,7 @@ class RedisJobStore(JobStore):
             int(self.ttl * 1000),
             "" if attempt is None else str(attempt),
             _ms(lease.ttl) if lease is not None else 0,
+            _ms(self._unfinished_ttl),
             *_encode(changes),
         ]
         keys = [self._key(job_id), self._lease_key(job_id)]
@@ -413,7 +435,10 @@ class RedisJobStore(JobStore):
         keys = [self._lease_key(lease.job_id), self._key(lease.job_id)]
         attempt = "" if lease.attempt is None else str(lease.attempt)
         held = await self._call(
-            self._renew_script(keys=keys, args=[lease.token, _ms(ttl), attempt])
+            self._renew_script(
+                keys=keys,
+                args=[lease.token, _ms(ttl), attempt, _ms(self._unfinished_ttl)],
+            )
         )
         if held == 2:
             logger.debug(

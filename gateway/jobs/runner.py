@@ -2,7 +2,9 @@
 
 Every change of a job's record is published as an event on ``jobs/<id>`` through
 the process's publish path (``Runtime.publish``), so WebSocket and MQTT clients see
-the job move exactly as pollers of ``GET /jobs/{id}`` do.
+the job move exactly as pollers of ``GET /jobs/{id}`` do. Once a job is finished its
+topic is given the record's time to live (``StateBackend.expire_topic``), so that
+its events go when its record goes.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from gateway.jobs.metrics import JobMetrics
 from gateway.jobs.model import Job, JobState
 from gateway.jobs.store import Delivery, JobStore, Lease, LeaseLost, Update
 
-__all__ = ["Publish", "WorkerPool", "publish_change"]
+__all__ = ["ExpireTopic", "Publish", "WorkerPool", "publish_change"]
 
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[Draft]], Awaitable[list[Event]]]
+#: ``StateBackend.expire_topic``: forget a topic's history after some seconds.
+ExpireTopic = Callable[[str, float], Awaitable[None]]
 
 #: Seconds between two looks at a running job's record for a cancel request, so
 #: that a cancel reaches a kind waiting in ``Progress.sleep`` within about this.
@@ -185,6 +189,7 @@ class WorkerPool:
         concurrency: int,
         name: str,
         claim_after: float,
+        expire_topic: ExpireTopic | None = None,
     ) -> None:
         """Create a pool; nothing runs before ``start``.
 
@@ -197,6 +202,8 @@ class WorkerPool:
             name: this process's name, written in the records it runs.
             claim_after: seconds a job's worker may stay silent before another
                 worker takes the job over; the lease lasts half of it.
+            expire_topic: gives a finished job's topic the store's ``ttl``; None
+                leaves job topics for ever.
         """
         self.store = store
         self.kinds = kinds
@@ -206,6 +213,7 @@ class WorkerPool:
         self.name = name
         self.claim_after = claim_after
         self.lease_ttl = claim_after / 2
+        self.expire_topic = expire_topic
         # The tasks of the jobs running now; never more than ``concurrency``.
         self._running: set[asyncio.Task[None]] = set()
         # The ids of those jobs, so that a job is never run twice here.
@@ -436,6 +444,12 @@ class WorkerPool:
         self.metrics.finished.labels(update.job.kind, state.value).inc()
         logger.debug("job %s %s", job_id, state.value)
         await publish_change(self.publish, update.job, EVENT_TYPES[state])
+        # After the last event, so that the topic's keys exist to be expired.
+        # Waiting for Redis if need be: a topic left without an end stays for ever.
+        expire = self.expire_topic
+        if expire is not None:
+            topic, ttl = update.job.topic, self.store.ttl
+            await run.hold(lambda: expire(topic, ttl))
 
     async def _keep(self, run: _Run, work: asyncio.Task[Any]) -> None:
         """Renew the lease every third of its life; stop the work if it is lost.

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import Settings
+from gateway.errors import Unavailable
 from gateway.jobs.kinds import KindRegistry, load_kinds
 from gateway.jobs.metrics import JobMetrics
 from gateway.jobs.model import Job, JobState, new_job_id
 from gateway.jobs.redis_store import RedisJobStore
-from gateway.jobs.runner import Publish, WorkerPool, publish_change
+from gateway.jobs.runner import ExpireTopic, Publish, WorkerPool, publish_change
 from gateway.jobs.store import JobStore, MemoryJobStore
 from gateway.metrics import Metrics
 
@@ -45,6 +46,7 @@ class JobService:
         metrics: JobMetrics,
         pool: WorkerPool | None,
         shutdown_grace: float = 5.0,
+        expire_topic: ExpireTopic | None = None,
     ) -> None:
         """Wire a service from its parts; ``from_settings`` is the usual way."""
         self.store = store
@@ -53,6 +55,8 @@ class JobService:
         self.metrics = metrics
         self.pool = pool
         self._shutdown_grace = shutdown_grace
+        # Gives a job's topic an end once the job is finished (or never made).
+        self.expire_topic = expire_topic
 
     @classmethod
     def from_settings(
@@ -62,6 +66,7 @@ class JobService:
         publish: Publish,
         metrics: Metrics,
         workers: int | None = None,
+        expire_topic: ExpireTopic | None = None,
     ) -> JobService:
         """The store, kinds and pool the settings ask for.
 
@@ -70,6 +75,8 @@ class JobService:
             publish: the publish path for job events (``Runtime.publish``).
             metrics: the process's metrics; job metrics join its registry.
             workers: jobs run at once by this process; ``job_workers`` if None.
+            expire_topic: ``StateBackend.expire_topic`` of the backend ``publish``
+                stores into; if None, finished jobs' topics keep their history.
 
         Raises:
             ValueError: a kind named in ``job_kinds`` cannot be loaded.
@@ -100,6 +107,7 @@ class JobService:
                 concurrency=workers,
                 name=settings.replica,
                 claim_after=settings.job_claim_after,
+                expire_topic=expire_topic,
             )
         return cls(
             store=store,
@@ -108,6 +116,7 @@ class JobService:
             metrics=job_metrics,
             pool=pool,
             shutdown_grace=settings.shutdown_timeout / 2,
+            expire_topic=expire_topic,
         )
 
     async def start(self) -> None:
@@ -160,7 +169,13 @@ class JobService:
         # gave up writes nothing.
         await self.store.reserve(job.id)
         await publish_change(self.publish, job, "JOB_QUEUED")
-        await self.store.create(job)
+        try:
+            await self.store.create(job)
+        except Unavailable:
+            # Nobody will hear of this id: its JOB_QUEUED need not outlive a
+            # finished job's (when the backend answers; Redis may be away).
+            await self._expire_topic(job)
+            raise
         self.metrics.submitted.labels(kind_name).inc()
         logger.debug("job %s of kind %s queued", job.id, kind_name)
         return job
@@ -193,6 +208,7 @@ class JobService:
             self.metrics.cancels.inc()
             self.metrics.finished.labels(update.job.kind, "cancelled").inc()
             await publish_change(self.publish, update.job, "JOB_CANCELLED")
+            await self._expire_topic(update.job)
             return update.job
         if update.job.state is not JobState.RUNNING or update.job.cancel_requested:
             return update.job
@@ -205,3 +221,12 @@ class JobService:
             return update.job
         # It finished between the two updates.
         return await self.store.get(job_id)
+
+    async def _expire_topic(self, job: Job) -> None:
+        """Give the topic of a job that will not change again the record's ttl."""
+        if self.expire_topic is None:
+            return
+        try:
+            await self.expire_topic(job.topic, self.store.ttl)
+        except Unavailable as exc:
+            logger.warning("topic of job %s left without an end: %s", job.id, exc)

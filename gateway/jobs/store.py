@@ -95,8 +95,9 @@ class JobStore(abc.ABC):
         """Create a store.
 
         Args:
-            ttl: seconds a record is kept after its last change; for a finished
-                job, after it finished.
+            ttl: seconds a finished job's record is kept after it finished. An
+                unfinished job's record is kept while it is queued or running
+                (the Redis store bounds that, see ``UNFINISHED_TTL`` there).
         """
         self.ttl = ttl
 

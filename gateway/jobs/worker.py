@@ -36,7 +36,10 @@ async def run_worker(settings: Settings) -> None:
     await runtime.start()
     try:
         jobs = JobService.from_settings(
-            settings, publish=runtime.publish, metrics=runtime.metrics
+            settings,
+            publish=runtime.publish,
+            metrics=runtime.metrics,
+            expire_topic=runtime.backend.expire_topic,
         )
         await jobs.start()
         try:

@@ -171,6 +171,18 @@ class StateBackend(abc.ABC):
         """Read up to ``limit`` events of ``topic`` with offsets above ``after``."""
 
     @abc.abstractmethod
+    async def expire_topic(self, topic: str, seconds: float) -> None:
+        """Forget ``topic``'s history and last offset ``seconds`` from now.
+
+        For topics with an end, such as a job's: once forgotten, the topic reads
+        as one never published on (no events, last offset 0). Events published
+        on it meanwhile do not postpone the expiry; calling this again resets it.
+
+        Raises:
+            Unavailable: the backend cannot be reached; nothing was changed.
+        """
+
+    @abc.abstractmethod
     async def watch(self, topic_filter: str) -> None:
         """Start passing events that match ``topic_filter`` to this replica's listener.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict, deque
@@ -57,6 +58,8 @@ class MemoryBackend(StateBackend):
         # Per topic: the newest events (capped) and the newest offset ever given.
         self._history: dict[str, deque[Event]] = {}
         self._last_offset: dict[str, int] = {}
+        # Per topic given an end by ``expire_topic``: the timer that forgets it.
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
         # Registry: open connections, and subscriptions both ways.
         self._connections: dict[str, ConnectionRecord] = {}
         self._filters_of: dict[str, set[str]] = {}
@@ -116,6 +119,26 @@ class MemoryBackend(StateBackend):
         start = max(0, after - first + 1)
         events = [history[i] for i in range(start, min(len(history), start + limit))]
         return HistoryRead(events, first, last)
+
+    async def expire_topic(self, topic: str, seconds: float) -> None:
+        earlier = self._expiries.pop(topic, None)
+        if earlier is not None:
+            earlier.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiries[topic] = loop.call_later(
+            max(0.0, seconds), self._forget_topic, topic
+        )
+
+    def _forget_topic(self, topic: str) -> None:
+        self._expiries.pop(topic, None)
+        self._history.pop(topic, None)
+        self._last_offset.pop(topic, None)
+        logger.debug("topic %s expired", topic)
+
+    async def close(self) -> None:
+        for timer in self._expiries.values():
+            timer.cancel()
+        self._expiries.clear()
 
     async def watch(self, topic_filter: str) -> None:
         # One process: every published event already reaches the listener.

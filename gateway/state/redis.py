@@ -5,13 +5,17 @@ Cluster hash tags, so every key of one topic lives in one slot:
 
 - ``P{topic}:seq``      the topic's last offset (a counter);
 - ``P{topic}:history``  a capped stream whose entry ids are ``0-<offset>``;
+  both expire once ``expire_topic`` gives the topic an end (a job's, once it is
+  finished), and never otherwise;
 - ``P{topic}:events``   the pub/sub channel of the topic's events;
 - ``Pconn:<id>``        a hash per connection (replica, transport, user, connected
   at), expiring unless its replica refreshes it;
 - ``Pconn:<id>:filters`` the connection's topic filters, expiring likewise;
 - ``Pconnections``      sorted set of connection ids scored by expiry time;
 - ``Psubs:<filter>``    sorted set of the connection ids holding a filter, scored by
-  expiry time, so a crashed replica's members stop counting once they expire.
+  expiry time, so a crashed replica's members stop counting once they expire;
+- ``Pgeneration``       a random value written once: it changes only when Redis
+  lost its data, which is how a replica tells that apart from topics that expired.
 
 Publishing runs one script that takes the next offset, appends to the history and
 publishes on the channel, atomically: no subscriber can see an event live and miss it
@@ -21,7 +25,8 @@ filters) and patterns (wildcard filters) that its own clients need.
 If Redis loses its data (a restart without persistence), offsets must not start over
 under clients that remember later ones: each replica remembers the last offset it saw
 per topic and passes it to the script as a floor, and writes it back when Redis
-returns.
+returns having lost its data (``Pgeneration`` changed); a topic that only expired
+is not written back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
@@ -89,7 +95,7 @@ for i = 1, count do
   local floor = tonumber(ARGV[arg])
   if offset <= floor then
     offset = floor + 1
-    redis.call('SET', KEYS[2 * i - 1], offset)
+    redis.call('SET', KEYS[2 * i - 1], offset, 'KEEPTTL')
   end
   local payload = ARGV[arg + 2] .. offset .. ARGV[arg + 3]
   redis.call('XADD', KEYS[2 * i], 'MAXLEN', '~', cap, '0-' .. offset, 'e', payload)
@@ -110,7 +116,9 @@ return {1, offsets}
 # KEYS[1]: a topic's seq key. ARGV[1]: an offset the topic is known to have reached.
 _RAISE_FLOOR = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+if current < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+end
 return current
 """
 
@@ -192,6 +200,13 @@ class RedisBackend(StateBackend):
         # Per topic, the highest offset this replica published or saw: the floor
         # for new offsets if Redis lost its counters.
         self._floor: dict[str, int] = {}
+        # The value of ``Pgeneration`` when this replica last wrote its floors
+        # back: while it is unchanged Redis kept its data, and a topic counter
+        # that is missing expired on purpose.
+        self._generation: bytes | None = None
+        # Per topic given an end by ``expire_topic`` here: the timer that drops
+        # its floor and delivery mark once Redis has forgotten it.
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
         # Topics being caught up from history after a reconnect, with the live
         # events that arrived meanwhile, released in order afterwards.
         self._catching_up: dict[str, list[Event]] = {}
@@ -240,6 +255,7 @@ class RedisBackend(StateBackend):
                 f"redis at {self._safe_url()} unreachable: {exc}"
             ) from exc
         self._ready = True
+        self._generation = await self._read_generation()
         # Sharded pub/sub (Redis 7 and later) lets a Redis Cluster route each
         # topic's events to the one shard that holds its keys.
         version = (await self._redis.info("server")).get("redis_version", "0")
@@ -257,6 +273,9 @@ class RedisBackend(StateBackend):
         )
 
     async def close(self) -> None:
+        for timer in self._expiries.values():
+            timer.cancel()
+        self._expiries.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -354,6 +373,30 @@ class RedisBackend(StateBackend):
         events = [decode_event(fields[b"e"]) for _, fields in entries]
         first_offset = _offset_of(first[0][0]) if first else 0
         return HistoryRead(events, first_offset, int(last or 0))
+
+    async def expire_topic(self, topic: str, seconds: float) -> None:
+        ms = max(1, int(seconds * 1000))
+        try:
+            async with self._client().pipeline(transaction=False) as pipe:
+                pipe.pexpire(self._key(topic, "seq"), ms)
+                pipe.pexpire(self._key(topic, "history"), ms)
+                await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable(f"redis unavailable; {topic!r} not expired") from exc
+        earlier = self._expiries.pop(topic, None)
+        if earlier is not None:
+            earlier.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiries[topic] = loop.call_later(seconds, self._forget_topic, topic)
+
+    def _forget_topic(self, topic: str) -> None:
+        # Redis has forgotten the topic: so does this replica, or its floor
+        # would keep the offsets of a topic that starts again from 0.
+        self._expiries.pop(topic, None)
+        self._floor.pop(topic, None)
+        if topic not in self._watches:
+            self._delivered.pop(topic, None)
+            self._watched_from.pop(topic, None)
 
     # Cross-replica delivery
 
@@ -628,9 +671,22 @@ class RedisBackend(StateBackend):
             logger.warning("redis did not confirm every subscription in time")
         await self._catch_up(self._watched_topics())
 
+    async def _read_generation(self) -> bytes | None:
+        """The value of ``Pgeneration``, written first if Redis has none."""
+        key = f"{self._prefix}generation"
+        await self._client().set(key, uuid.uuid4().hex, nx=True)
+        value = await self._client().get(key)
+        return value.encode() if isinstance(value, str) else value
+
     async def _restore_floors(self) -> None:
         # After Redis lost its data, the counters start again from what this
-        # replica last saw, never below.
+        # replica last saw, never below. While Redis kept its data, a missing
+        # counter belongs to a topic that expired (a finished job's): writing
+        # it back would keep it for ever.
+        generation = await self._read_generation()
+        if generation == self._generation:
+            return
+        self._generation = generation
         for topic, offset in list(self._floor.items()):
             await self._floor_script(keys=[self._key(topic, "seq")], args=[offset])
 
