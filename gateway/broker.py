@@ -17,6 +17,10 @@ The broker's rules are the production ones of ``deploy/mosquitto/``, kept small:
 
 ``gateway broker`` runs the same broker on its own, for tests that stop and
 restart a broker and for users who want one in a separate terminal.
+
+amqtt 0.12.1 has faults that clients can trigger; each is worked around where
+it lives (``_Broker``, ``_SubscriptionTable``, ``_SubscribePayload``,
+``_StreamWriter``), with the upstream change that would let it go.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import IO, Any
 from urllib.parse import quote
 
 import amqtt.mqtt
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
@@ -209,6 +214,19 @@ class _Broker(Broker):  # type: ignore[misc]
     again, so under clients that subscribe and leave, the broker's memory and
     the time of each broadcast grew for good. Here a SUBSCRIBE is taken only
     from a connected session, and filters added while it went are removed.
+
+    amqtt 0.12.1 also delivers to a connection that is going: retained
+    messages after the client's SUBSCRIBE and DISCONNECT arrived together,
+    broadcasts after its DISCONNECT or the end of its connection. At QoS 1 or
+    2 each such delivery waited 5 s for an acknowledgement that could not
+    come, holding its memory, and failed with a ``TimeoutError`` that amqtt
+    never retrieved: asyncio logged "Task exception was never retrieved" at
+    ERROR, once per retained message per client. Here a connection that got
+    its client's DISCONNECT, or whose handler stopped, has no handler to
+    deliver through, and the outcome of every retained delivery is read. A
+    delivery that was under way when the client left still times out, logged
+    at DEBUG (see ``_ClientMistakesAtDebug``).
+
     These workarounds, and the one in ``_run_broadcast``, can go when amqtt
     does the same.
     """
@@ -259,6 +277,25 @@ class _Broker(Broker):  # type: ignore[misc]
             current is None or current is client_session
         ):
             await self._del_all_subscriptions(client_session)
+
+    async def stream_connected(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        listener_name: str,
+    ) -> None:
+        """Serve one TCP connection as amqtt does, through ``_StreamWriter``."""
+        await self._client_connected(
+            listener_name, StreamReaderAdapter(reader), _StreamWriter(writer)
+        )
+
+    def _get_handler(self, session: Any) -> Any:
+        # amqtt delivers every message through the handler this returns; a
+        # connection that is going gets none, so nothing waits on it.
+        handler = super()._get_handler(session)
+        if handler is None or _is_leaving(handler):
+            return None
+        return handler
 
     def _is_connected(self, session: Any) -> bool:
         # Also false once a new connection took the client identifier over.
@@ -336,10 +373,69 @@ class _Broker(Broker):  # type: ignore[misc]
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
     ) -> None:
-        if subscription[0] in self._held.get(session.client_id, ()):
-            await super()._publish_retained_messages_for_subscription(
-                subscription, session
+        # As amqtt does, but only for a filter the session holds, only while
+        # its connection stays, and reading the outcome of each delivery.
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None or topic_filter not in self._held.get(session.client_id, ()):
+            return
+        deliveries = [
+            asyncio.create_task(
+                handler.mqtt_publish(
+                    message.topic,
+                    message.data,
+                    min(qos, message.qos or qos),
+                    retain=True,
+                )
             )
+            for topic, message in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter)
+        ]
+        if not deliveries:
+            return
+        await asyncio.wait(deliveries)
+        for delivery in deliveries:
+            # Cancelled or failed when the client left without acknowledging.
+            error = None if delivery.cancelled() else delivery.exception()
+            if error is not None:
+                logger.debug(
+                    "retained message to %s not delivered: %s", session.client_id, error
+                )
+
+
+def _is_leaving(handler: Any) -> bool:
+    """Whether amqtt's handler got its client's DISCONNECT or was stopped.
+
+    Its disconnect waiter, set when the handler starts, is dropped on a
+    DISCONNECT and when the handler stops; its writer closes when it stops.
+    """
+    if handler._reader_task is None:
+        # Not started yet: the client is still connecting.
+        return False
+    waiter = handler._disconnect_waiter
+    closed = getattr(handler.writer, "is_closed", False)
+    return waiter is None or waiter.done() or handler.writer is None or closed
+
+
+class _StreamWriter(StreamWriterAdapter):  # type: ignore[misc]
+    """amqtt's writer of a TCP connection, closing one the client reset.
+
+    amqtt 0.12.1 closes a connection by sending what it holds and then a FIN.
+    To a client that had already gone, such as one refused for a CONNECT of
+    MQTT 5 or another protocol level that hung up meanwhile, the FIN failed
+    with ``OSError`` (ENOTCONN, or a reset while draining), which ended the
+    connection's task: asyncio logged "Unhandled exception in
+    client_connected_cb" at ERROR. This class can go when amqtt's
+    ``StreamWriterAdapter.close`` expects a connection to be gone.
+    """
+
+    async def close(self) -> None:
+        """Close as amqtt does, or drop the connection if the client is gone."""
+        try:
+            await super().close()
+        except OSError as exc:
+            logger.debug("MQTT connection gone before its close: %s", exc)
+            self._writer.transport.abort()
 
 
 class _BadSubscribe(ValueError):
@@ -521,9 +617,12 @@ class _ClientMistakesAtDebug(logging.Filter):
     second CONNECT, a reserved packet, an acknowledgement for a packet it was
     never sent, or that reconnects too fast; websockets logs at ERROR, with a
     traceback, an opening handshake that a client broke off or got wrong.
-    Anyone may cause these as often as they like, and none is for the operator
-    to fix. Records carrying a traceback from amqtt (a crashed task: a bug)
-    keep their level, as do its messages about the broker as a whole.
+    amqtt also logs at ERROR, with a traceback, a broadcast that failed
+    because its subscriber did not acknowledge it in time, as happens when the
+    subscriber leaves meanwhile. Anyone may cause these as often as they like,
+    and none is for the operator to fix. Other records carrying a traceback
+    from amqtt (a crashed task: a bug) keep their level, as do its messages
+    about the broker as a whole.
     """
 
     #: How amqtt's broker starts its messages about one client's doing.
@@ -552,12 +651,24 @@ class _ClientMistakesAtDebug(logging.Filter):
                 error, InvalidHandshake | EOFError | OSError
             )
         if record.exc_info:
-            return False
+            return _is_unacknowledged(record.exc_info[1])
         if record.name == "amqtt.mqtt.protocol.handler":
             # This logger speaks of one connection's packets only.
             return True
         message = record.getMessage()
         return message.startswith(self.BROKER_MESSAGES) or "not allowed to" in message
+
+
+def _is_unacknowledged(error: BaseException | None) -> bool:
+    """Whether amqtt gave up a delivery that its client did not acknowledge."""
+    # amqtt raises a bare TimeoutError saying which acknowledgement it missed.
+    return isinstance(error, TimeoutError) and str(error).startswith(
+        (
+            "Timeout waiting for PUBACK",
+            "Timeout waiting for PUBREC",
+            "Timeout waiting for PUBCOMP",
+        )
+    )
 
 
 def _configure_library_logging() -> None:
@@ -737,9 +848,14 @@ def serve_broker(
             prefix=prefix,
         )
 
-    if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if data_dir is not None:
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BrokerError(
+                    f"cannot make the --mqtt-data-dir folder {data_dir}: {exc.strerror}"
+                ) from None
         asyncio.run(main())
     except BrokerError as exc:
         sys.stdout.write(f"{exc}\n")

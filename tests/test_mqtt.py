@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
 import socket
@@ -39,7 +40,13 @@ from support import (
     ws_client,
 )
 
-from clients._mqtt_wire import connect_packet, encode_length, encode_string
+from clients._mqtt_wire import (
+    connect_packet,
+    encode_length,
+    encode_string,
+    subscribe_packet,
+)
+from gateway.broker import _ClientMistakesAtDebug
 from gateway.config import Settings
 from gateway.transports.mqtt import (
     DEFAULT_QOS_RULES,
@@ -102,6 +109,32 @@ def test_broker_url_parsing_and_secret_free_logging() -> None:
         Settings(mqtt_qos="stocks/#=9")
     with pytest.raises(ValueError, match="mqtt_prefix"):
         Settings(mqtt_prefix="gw/#")
+
+
+def test_embedded_broker_logs_an_unacknowledged_delivery_at_debug() -> None:
+    """amqtt's traceback of a delivery its client never acknowledged is DEBUG only.
+
+    A broadcast under way when its QoS 1 subscriber left fails that way; any
+    other traceback from amqtt, such as a crashed task, keeps its level.
+    """
+
+    def filtered(error: BaseException) -> logging.LogRecord:
+        record = logging.LogRecord(
+            "amqtt.broker",
+            logging.ERROR,
+            __file__,
+            1,
+            "Task failed",
+            None,
+            (type(error), error, None),
+        )
+        _ClientMistakesAtDebug().filter(record)
+        return record
+
+    late = filtered(TimeoutError("Timeout waiting for PUBACK for packet ID 1"))
+    assert late.levelno == logging.DEBUG
+    for bug in (TimeoutError("other"), RuntimeError("dictionary changed size")):
+        assert filtered(bug).levelno == logging.ERROR
 
 
 # Helpers.
@@ -742,6 +775,94 @@ async def test_embedded_broker_rules(tmp_path: Path, http: httpx.AsyncClient) ->
                     "127.0.0.1", port, username=user, password=password
                 ):
                     pass
+
+
+#: How long amqtt waits for a client's PUBACK before it gives a delivery up.
+PUBACK_WAIT = 5.0
+
+
+async def send_and_leave(port: int, data: bytes, *, answer: int = 0) -> bytes:
+    """Open a connection, write ``data`` in one write, read ``answer`` bytes, close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    received = b""
+    if answer:
+        received = await asyncio.wait_for(reader.readexactly(answer), timeout(5))
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return received
+
+
+async def test_embedded_broker_clients_that_subscribe_and_leave_log_no_error(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """Clients that leave right after a SUBSCRIBE to retained prices cause no ERROR.
+
+    Each sends CONNECT, SUBSCRIBE at QoS 1 and DISCONNECT in one write, or
+    closes its connection instead of the DISCONNECT. Retained messages sent
+    to them would wait for a PUBACK that cannot come, then fail.
+    """
+    with gateway_with_embedded_broker(tmp_path) as gateway:
+        port = int(gateway.settings["mqtt_port"])
+        prices = [event(f"stocks/{name}") for name in "ABC"]
+        assert (await publish(http, gateway, prices)).status_code == 200
+        async with Listener(port, "stocks/#", name="watcher") as watcher:
+            # The broker holds the three retained prices once they reach us.
+            await watcher.wait_for(3)
+        for number in range(10):
+            subscribe = connect_packet(f"leaver-{number}", keepalive=60)
+            subscribe += subscribe_packet(1, "stocks/#", 1)
+            await send_and_leave(port, subscribe + b"\xe0\x00")
+            await send_and_leave(port, subscribe)
+        # Nothing to wait for but the absence of errors: amqtt gives up a
+        # delivery PUBACK_WAIT seconds after sending it.
+        await asyncio.sleep(timeout(PUBACK_WAIT + 2))
+        async with Listener(port, "stocks/#", name="late") as late:
+            await late.wait_for(3)
+    assert_no_error_logged(gateway)
+
+
+def mqtt5_connect() -> bytes:
+    """An MQTT 5 CONNECT as mosquitto_pub sends it: a Receive Maximum property."""
+    properties = b"\x03\x21\x00\x14"
+    header = encode_string("MQTT") + bytes([5, 0x02]) + (60).to_bytes(2, "big")
+    body = header + properties + encode_string("")
+    return b"\x10" + encode_length(len(body)) + body
+
+
+def connect_of_level(level: int, name: str = "MQTT") -> bytes:
+    """An MQTT 3.1.1 CONNECT with another protocol name or level."""
+    header = encode_string(name) + bytes([level, 0x02]) + (60).to_bytes(2, "big")
+    body = header + encode_string(f"level-{level}")
+    return b"\x10" + encode_length(len(body)) + body
+
+
+async def test_embedded_broker_refuses_other_protocol_versions_without_error(
+    tmp_path: Path,
+) -> None:
+    """A CONNECT of MQTT 5 or of an unknown level is refused and logs no ERROR.
+
+    A client that waits is told (CONNACK 0x01); most hang up at once, before
+    the broker answers and closes.
+    """
+    with gateway_with_embedded_broker(tmp_path) as gateway:
+        port = int(gateway.settings["mqtt_port"])
+        answer = await send_and_leave(port, connect_of_level(9), answer=4)
+        assert answer == b"\x20\x02\x00\x01"
+        for _ in range(10):
+            for connect in (
+                mqtt5_connect(),
+                connect_of_level(9),
+                connect_of_level(3, "MQIsdp"),
+            ):
+                await send_and_leave(port, connect)
+        # The broker still serves, and has read the connections above by now
+        # (it reads them in order of arrival).
+        async with Listener(port, "stocks/#", name="after"):
+            await asyncio.sleep(timeout(1))
+    assert_no_error_logged(gateway)
 
 
 def broker_rss(gateway: Gateway) -> int:
