@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 from rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, RawWebSocket, client_frame
@@ -133,6 +135,55 @@ async def test_c05_oversized_message_is_refused_before_it_is_whole(
     probe.assert_flowing()
     assert single_close.close_code == 1009
     assert fragmented_close.close_code == 1009
+
+
+async def test_c05_endless_empty_fragments_close_1009_and_memory_holds(
+    gateway: Gateway, http: httpx.AsyncClient, topic: str
+) -> None:
+    """C05: a text frame with fin=0 then 100,000 empty continuation frames gets
+    close 1009 within a second, and the gateway's memory barely moves."""
+    empty = client_frame(OP_CONT, b"", fin=False)
+    flood = client_frame(OP_TEXT, b"{", fin=False) + empty * 100_000
+    async with FlowProbe(gateway, http, f"{topic}/probe") as probe:
+        before = gateway.rss_bytes()
+        client = await RawWebSocket.opened(gateway.port, answer_pings=False)
+        try:
+            started = asyncio.get_running_loop().time()
+            sending = asyncio.create_task(client.send(flood))
+            close = await client.recv_close()
+            waited = asyncio.get_running_loop().time() - started
+            # The gateway may end the connection before it has read the rest.
+            with contextlib.suppress(OSError):
+                await asyncio.wait_for(sending, timeout(5))
+        finally:
+            client.close()
+        grown = gateway.rss_bytes() - before
+    probe.assert_flowing()
+    assert close.close_code == 1009
+    assert b"fragment" in close.payload
+    assert waited < timeout(1), waited
+    assert grown < 4 * MIB, grown
+    assert_no_error_logged(gateway)
+
+
+async def test_c05_message_in_many_small_fragments_within_limit_is_accepted(
+    gateway: Gateway, topic: str
+) -> None:
+    """C05: a subscribe split into 200 fragments, well under the limit with the
+    per-fragment cost, is answered like one frame."""
+    message = orjson.dumps({"op": "subscribe", "topics": [topic], "ref": 1})
+    pieces = [message[n : n + 1] for n in range(len(message))]
+    pieces += [b""] * (200 - len(pieces))
+    client = await RawWebSocket.opened(gateway.port, answer_pings=False)
+    try:
+        frames = [client_frame(OP_TEXT, pieces[0], fin=False)]
+        frames += [client_frame(OP_CONT, piece, fin=False) for piece in pieces[1:-1]]
+        frames.append(client_frame(OP_CONT, pieces[-1]))
+        await client.send(b"".join(frames))
+        answer = await client.recv_json()
+    finally:
+        client.close()
+    assert answer == {"type": "subscribed", "topics": [topic], "ref": 1}
 
 
 async def test_c05_refused_sender_reads_1009_then_a_clean_end(
@@ -609,7 +660,8 @@ async def test_unknown_paths_and_methods_get_404_and_405(
     gateway: Gateway, http: httpx.AsyncClient
 ) -> None:
     """A WebSocket upgrade anywhere but /ws gets 404, as does an unknown HTTP
-    path (JSON); GET /events gets 405; /ws with a query string is accepted."""
+    path (JSON) and a known one with a slash too many (not a redirect built from
+    the Host header); GET /events gets 405; /ws with a query string is accepted."""
     statuses = {}
     for path in ("/", "/nope", "/ws/extra", "/WS", "/events"):
         with pytest.raises(InvalidStatus) as refused:
@@ -619,11 +671,18 @@ async def test_unknown_paths_and_methods_get_404_and_405(
         assert b"/ws" in refused.value.response.body
     wrong_method = await http.get(f"{gateway.http_url}/events")
     unknown = await http.get(f"{gateway.http_url}/nothing-here")
+    slashed = [
+        await http.post(f"{gateway.http_url}/jobs/", headers={"Host": "evil.test"}),
+        await http.get(f"{gateway.http_url}/topics/stocks/AAPL/events/"),
+    ]
     async with connect(f"{gateway.ws_url}?client=test") as connection:
         welcome = orjson.loads(await connection.recv())
     assert statuses == dict.fromkeys(statuses, 404)
     assert _outcome(wrong_method) == (405, "http_error")
     assert _outcome(unknown) == (404, "http_error")
+    for response in slashed:
+        assert _outcome(response) == (404, "http_error")
+        assert "location" not in response.headers
     assert welcome["type"] == "welcome"
 
 
@@ -798,3 +857,85 @@ async def test_malformed_upgrades_get_json_refusals(tmp_path: Path) -> None:
         error = orjson.loads(body)["error"]
         assert error["code"] == "bad_handshake", (name, error)
         assert "Sec-WebSocket" in error["message"], (name, error)
+
+
+def _upgrade_head(path: str = "/ws", extra: str = "") -> bytes:
+    """A WebSocket upgrade request head with ``extra`` header lines."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+def _status(answer: bytes) -> tuple[int, dict[str, Any]]:
+    """The status of a raw HTTP answer, and its JSON error if it has a body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    return status, orjson.loads(body)["error"] if body else {}
+
+
+async def test_upgrade_with_10kb_token_or_many_headers_is_checked(
+    tmp_path: Path,
+) -> None:
+    """A 10 KB token in the Authorization header or in access_token, and an
+    upgrade with 300 headers, are checked like any other (101, or 401 for a bad
+    token) instead of being refused as malformed."""
+    secret = "a-shared-secret-of-at-least-32-characters"
+    claims = {"sub": "fan-1", "exp": time.time() + 60, "topics": "#"}
+    good = jwt.encode({**claims, "pad": "p" * 10_000}, secret, algorithm="HS256")
+    bad = good[:-20] + "A" * 20
+    assert len(good) > 10_000
+    many = [(f"X-Header-{n}", str(n)) for n in range(300)]
+    with running_gateway(tmp_path, jwt_secret=secret, anonymous_read="") as gateway:
+        async with connect(
+            gateway.ws_url, additional_headers={"Authorization": f"Bearer {good}"}
+        ) as connection:
+            by_header = orjson.loads(await connection.recv())
+        async with connect(f"{gateway.ws_url}?access_token={good}") as connection:
+            by_query = orjson.loads(await connection.recv())
+        async with connect(
+            f"{gateway.ws_url}?access_token={good}", additional_headers=many
+        ) as connection:
+            with_many = orjson.loads(await connection.recv())
+        answers = {
+            "bad header": await _raw_request(
+                gateway.port, _upgrade_head(extra=f"Authorization: Bearer {bad}\r\n")
+            ),
+            "bad query": await _raw_request(
+                gateway.port, _upgrade_head(f"/ws?access_token={bad}")
+            ),
+        }
+        assert_no_error_logged(gateway)
+    assert by_header["type"] == by_query["type"] == with_many["type"] == "welcome"
+    assert _status(answers["bad header"])[0] == 401
+    assert _status(answers["bad query"])[0] == 401
+
+
+async def test_whole_head_over_limit_in_one_write_gets_431(gateway: Gateway) -> None:
+    """A head over --max-header-bytes sent in one write gets a JSON 431, on an
+    upgrade (70 KB) and on HTTP (a 100,000-byte Cookie); a small head followed
+    by a 100 KB body in the same write is not held against the limit."""
+    cookie = f"Cookie: c={'x' * 100_000}\r\n"
+    answers = {
+        "upgrade": await _raw_request(
+            gateway.port, _upgrade_head(extra=f"X-Big: {'a' * 70_000}\r\n")
+        ),
+        "cookie": await _raw_request(
+            gateway.port, f"GET /healthz HTTP/1.1\r\nHost: x\r\n{cookie}\r\n".encode()
+        ),
+    }
+    body = b" " * 100_000
+    publish_head = (
+        f"POST /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with_body = await _raw_request(gateway.port, publish_head + body)
+    for name, answer in answers.items():
+        status, error = _status(answer)
+        assert (status, error["code"]) == (431, "too_large"), (name, answer[:300])
+        assert "65536" in error["message"], (name, error)
+    status, error = _status(with_body)
+    assert (status, error["code"]) == (400, "bad_json"), with_body[:300]
+    assert_no_error_logged(gateway)

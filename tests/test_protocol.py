@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
 import httpx
+from rawws import RawWebSocket
 from support import (
     READ_ALL,
     Gateway,
@@ -335,3 +339,30 @@ async def test_resume_older_than_history_reports_gap_then_all_that_is_kept(
         first_kept - 1,
     )
     assert (no_gap["type"], no_gap["offset"]) == ("event", first_kept)
+
+
+async def test_subscribe_cut_by_reset_leaves_other_subscribers_alone(
+    gateway: Gateway, http: httpx.AsyncClient, topic: str
+) -> None:
+    """Clients that subscribe to a new filter and a topic another client holds,
+    then reset the connection mid-subscribe, never stop that client's events."""
+    shared = f"{topic}/y/2"
+    rng = random.Random(2)
+    async with ws_client(gateway) as holder:
+        await holder.subscribe(shared)
+        for number in range(150):
+            client = await RawWebSocket.opened(gateway.port, answer_pings=False)
+            try:
+                filters = [f"{topic}/new/{number}/+", shared]
+                await client.send_json({"op": "subscribe", "topics": filters})
+                # The fault injected: a reset at a random point of the
+                # subscribe, often while the backend is watching the new filter.
+                await asyncio.sleep(rng.uniform(0, 0.005))
+                client.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            finally:
+                client.close()
+        await publish(http, gateway, event(shared, 1))
+        received = await holder.events(1)
+    assert (received[0]["topic"], received[0]["offset"]) == (shared, 1)

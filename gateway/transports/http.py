@@ -53,6 +53,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # until its headers are complete.
         self._head_bytes = 0
         self._in_head = True
+        # The last bytes of the head so far, to find its end when the blank
+        # line that ends it is split between two chunks.
+        self._head_tail = b""
         # Fires when a head takes longer than the deadline.
         self._head_timer: asyncio.TimerHandle | None = None
         # Set once a request was refused: what arrives after is dropped unread.
@@ -67,21 +70,48 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._head_timer = self.loop.call_later(
                     self._head_timeout, self._head_too_slow
                 )
-            self._head_bytes += len(data)
+            # Checked before feeding, and whether or not this chunk ends the
+            # head: a whole head over the limit in one chunk must not reach
+            # the application, nor the WebSocket endpoint, which would refuse
+            # it with a less helpful status. The body after the head's end
+            # is not held against the head.
+            end = self._head_end(data)
+            self._head_bytes += len(data) if end is None else end
+            self._head_tail = (self._head_tail + data[-3:])[-3:]
+            if self._head_bytes > self._max_head:
+                logger.debug(
+                    "request head from %s over %d bytes: refused",
+                    self.client,
+                    self._max_head,
+                )
+                self._refuse(
+                    431,
+                    "too_large",
+                    "request line and headers over the limit of "
+                    f"{self._max_head} bytes",
+                )
+                return
         super().data_received(data)
-        # Checked after feeding: a chunk that ends the head and starts the body
-        # is not held against the head.
-        if self._in_head and self._head_bytes > self._max_head:
-            logger.debug(
-                "request head from %s over %d bytes: refused",
-                self.client,
-                self._max_head,
-            )
-            self._refuse(
-                431,
-                "too_large",
-                f"request line and headers over the limit of {self._max_head} bytes",
-            )
+
+    def _head_end(self, data: bytes) -> int | None:
+        """How many bytes of ``data`` belong to the head, if it ends in ``data``.
+
+        The head ends at its first blank line, which llhttp also accepts
+        without carriage returns.
+        """
+        tail = self._head_tail
+        # The blank line may begin in the previous chunk.
+        seam = tail + data[:3]
+        ends = []
+        for blank in (b"\r\n\r\n", b"\n\n"):
+            found = seam.find(blank)
+            if found >= 0 and found + len(blank) > len(tail):
+                ends.append(found + len(blank) - len(tail))
+                continue
+            found = data.find(blank)
+            if found >= 0:
+                ends.append(found + len(blank))
+        return min(ends) if ends else None
 
     def on_headers_complete(self) -> None:
         """The head is whole: stop counting and cancel its deadline."""
@@ -93,6 +123,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         """The next bytes start a new request head."""
         self._in_head = True
         self._head_bytes = 0
+        self._head_tail = b""
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

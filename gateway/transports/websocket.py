@@ -30,10 +30,12 @@ import struct
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from websockets.exceptions import ProtocolError
+from websockets import http11
+from websockets.exceptions import ProtocolError, SecurityError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State as CoreState
@@ -98,6 +100,11 @@ _HOLD_LIMIT = 10_000
 _SERVER_HEADER = "notification-gateway"
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _RATE_REASON = "too many messages per second"
+#: Bytes each continuation frame adds to its message's size, on top of its
+#: payload: an empty fragment costs the gateway a frame to parse and a list
+#: entry, so a message may not be spread over more than max_frame_bytes / 64
+#: fragments, whatever their payload.
+_FRAGMENT_COST = 64
 #: Close codes counted under their own label; a client's own codes (3000-4999)
 #: are counted as "other", so a client cannot make new metric series.
 _KNOWN_CODES = frozenset(
@@ -184,6 +191,7 @@ class WebSocketProtocol(asyncio.Protocol):
         # uvicorn's set of open connections: at shutdown it calls shutdown() on
         # each member and waits for the set to empty.
         self._server_connections: set[Any] = server_state.connections
+        _allow_heads_up_to(settings.max_header_bytes)
         # The Sans-I/O WebSocket core: parses frames, enforces the size limit on
         # whole messages (fragments included) and answers pings.
         self.conn = ServerProtocol(
@@ -199,6 +207,12 @@ class WebSocketProtocol(asyncio.Protocol):
         self.close_reason = ""
         # Topic filters this connection holds, in the router and the backend.
         self.filters: set[str] = set()
+        # The filters whose backend watch has completed, and only those: each
+        # is unwatched once when it goes. A filter may be in self.filters
+        # before its watch is done, and the backend counts watches of all
+        # connections together, so an extra unwatch would stop another
+        # connection's events.
+        self._watched: set[str] = set()
         # Topic name to live events held back while that topic's history is
         # replayed; None when no replay is running (the common case).
         self._hold: dict[str, list[Event]] | None = None
@@ -210,9 +224,13 @@ class WebSocketProtocol(asyncio.Protocol):
         self._inbox: deque[str] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._reading_paused = False
-        # Fragments of a message being received, and whether it is text.
+        # Fragments of a message being received, whether it is text, and the
+        # size it counts for against max_frame_bytes (payload plus
+        # _FRAGMENT_COST per continuation frame).
         self._fragments: list[bytes | bytearray | memoryview] = []
         self._fragment_is_text = False
+        self._message_size = 0
+        self._max_message = settings.max_frame_bytes
         # Token bucket for inbound messages: a burst of twice the rate, refilled
         # continuously.
         self._rate = settings.max_messages_per_second
@@ -413,18 +431,29 @@ class WebSocketProtocol(asyncio.Protocol):
         return None
 
     def _refuse_malformed_upgrade(self, exc: Exception) -> None:
-        """Answer 400 to an upgrade request the core could not parse."""
+        """Answer 400 to an upgrade request the core could not parse.
+
+        A head past one of the core's own limits gets 431 instead. The HTTP
+        protocol refuses heads over ``--max-header-bytes`` before they come
+        here and the core's limits are raised to match, so this is only a
+        safeguard.
+        """
         self._refused = True
         logger.debug("malformed upgrade request from %s: %s", self.peer, exc)
-        body = orjson.dumps(
-            {"error": {"code": "bad_request", "message": "malformed upgrade request"}}
-        )
+        if isinstance(exc.__cause__, SecurityError):
+            status = b"431 Request Header Fields Too Large"
+            error = {"code": "too_large", "message": "request headers too large"}
+        else:
+            status = b"400 Bad Request"
+            error = {"code": "bad_request", "message": "malformed upgrade request"}
+        body = orjson.dumps({"error": error})
         transport = self.transport
         assert transport is not None
         if not transport.is_closing():
             transport.write(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+                b"HTTP/1.1 %b\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
+                % (status, len(body), body)
             )
         transport.close()
 
@@ -478,7 +507,15 @@ class WebSocketProtocol(asyncio.Protocol):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self._fragments = [frame.data]
             self._fragment_is_text = opcode is Opcode.TEXT
+            self._message_size = len(frame.data)
         elif opcode is Opcode.CONT:
+            # The core bounds the payload of a fragmented message, but not the
+            # number of its fragments: empty ones would pile up for ever.
+            self._message_size += len(frame.data) + _FRAGMENT_COST
+            if self._message_size > self._max_message:
+                self._fragments = []
+                self._message_too_big()
+                return
             self._fragments.append(frame.data)
         elif opcode is Opcode.PONG:
             self._ping_unanswered = False
@@ -498,6 +535,7 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         data = b"".join(self._fragments)
         self._fragments = []
+        self._message_size = 0
         if not self._take_token():
             logger.debug("connection %s: over the message rate", self.id)
             self._client_error("rate_limited")
@@ -528,6 +566,25 @@ class WebSocketProtocol(asyncio.Protocol):
             self._reading_paused = True
         if self._worker is None:
             self._worker = self.loop.create_task(self._work(None))
+
+    def _message_too_big(self) -> None:
+        """Fail the connection with 1009 for a message in too many fragments."""
+        logger.debug(
+            "connection %s: fragmented message over %d bytes",
+            self.id,
+            self._max_message,
+        )
+        reason = (
+            f"message over {self._max_message} bytes "
+            f"(each fragment counts {_FRAGMENT_COST} bytes more)"
+        )
+        self._note_close(CLOSE_TOO_BIG, reason)
+        # Failing, as the core does for a message over its own limit, sends the
+        # close frame and an end of stream, and discards what the peer still
+        # sends unparsed: the rest of a flood costs nothing.
+        self.conn.fail(CLOSE_TOO_BIG, reason)
+        self._flush()
+        self._closing()
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -608,7 +665,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.filters.add(topic_filter)
             runtime.router.add(self, topic_filter)
         for topic_filter in new:
-            await runtime.backend.watch(topic_filter)
+            await _uninterrupted(self._watch(topic_filter))
         self._write(
             control_frame(
                 "subscribed", topics=list(operation.filters), ref=operation.ref
@@ -772,7 +829,18 @@ class WebSocketProtocol(asyncio.Protocol):
             )
         await runtime.backend.remove_subscriptions(self.id, gone)
         for topic_filter in gone:
-            await runtime.backend.unwatch(topic_filter)
+            if topic_filter in self._watched:
+                await _uninterrupted(self._unwatch(topic_filter))
+
+    async def _watch(self, topic_filter: str) -> None:
+        """Watch ``topic_filter`` in the backend and note that it is watched."""
+        await self.runtime.backend.watch(topic_filter)
+        self._watched.add(topic_filter)
+
+    async def _unwatch(self, topic_filter: str) -> None:
+        """Undo the watch of ``topic_filter`` and forget it."""
+        self._watched.discard(topic_filter)
+        await self.runtime.backend.unwatch(topic_filter)
 
     # Outbound
 
@@ -902,7 +970,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if worker is not None:
             worker.cancel()
         runtime.spawn(
-            _unregister(runtime, self.id, filters, worker),
+            _unregister(runtime, self.id, self._watched, worker),
             f"unregistering connection {self.id}",
         )
 
@@ -935,17 +1003,66 @@ class WebSocketProtocol(asyncio.Protocol):
 async def _unregister(
     runtime: Runtime,
     connection_id: str,
-    filters: list[str],
+    watched: set[str],
     worker: asyncio.Task[None] | None,
 ) -> None:
     # Let a cancelled handler finish first, so that a registration it was
-    # making cannot land after the removal.
+    # making cannot land after the removal. A watch it had started completes
+    # and lands in ``watched`` (see _uninterrupted), which is read only now.
     if worker is not None:
         await asyncio.wait([worker])
     backend = runtime.backend
     await backend.remove_connection(connection_id)
+    filters = list(watched)
+    watched.clear()
     for topic_filter in filters:
         await backend.unwatch(topic_filter)
+
+
+async def _uninterrupted(step: Coroutine[Any, Any, None]) -> None:
+    """Run ``step`` to its end even if the caller is cancelled meanwhile.
+
+    A backend watch counts itself before its first await, so one cut short
+    would leave a count behind that nothing undoes; and the bookkeeping that
+    follows it must not be skipped either. Cancelling the caller still works:
+    it waits for the step, then raises CancelledError.
+
+    Raises:
+        Whatever ``step`` raises, when the caller was not cancelled.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Waited for without awaiting it, so a second cancel cannot reach it.
+        await asyncio.wait([task])
+        if not task.cancelled():
+            # The connection is going away: a failure of the step is moot
+            # then, and is retrieved only so that asyncio does not report it.
+            task.exception()
+        raise
+
+
+def _allow_heads_up_to(max_header_bytes: int) -> None:
+    """Let the core parse any upgrade request head the HTTP protocol let through.
+
+    uvicorn parses the head first, bounded by ``--max-header-bytes`` in
+    ``GatewayHttpProtocol``, then hands the core the head it rebuilt. The
+    core's own limits (8,192 bytes a line, 128 headers) would refuse with 400
+    a head the gateway allows, such as one with a 10 KB token. websockets
+    reads them from module globals at each parse (set from
+    ``WEBSOCKETS_MAX_LINE_LENGTH`` and ``WEBSOCKETS_MAX_NUM_HEADERS`` when it
+    is imported), so they are raised there, for the whole process and never
+    lowered. A line may be a little longer than in the client's head, since
+    uvicorn writes ``name: value``, hence the margin.
+    """
+    line = max_header_bytes + 64
+    if http11.MAX_LINE_LENGTH < line:
+        http11.MAX_LINE_LENGTH = line
+    # The shortest header line, "a:" and CRLF, takes 4 bytes.
+    headers = max_header_bytes // 4 + 1
+    if http11.MAX_NUM_HEADERS < headers:
+        http11.MAX_NUM_HEADERS = headers
 
 
 def _json_refusal(
