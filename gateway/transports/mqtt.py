@@ -6,9 +6,8 @@ Other replicas see the event only through the fan-out and never publish it, so M
 subscribers get one message per event however many replicas run.
 
 Ingest never waits for the broker. Accepted events go into a bounded buffer that one
-task drains in order, with up to ``_WINDOW`` publishes awaiting the broker's answer at
-once; while the broker is away another task reconnects with backoff and the buffer
-keeps what arrives meanwhile, up to its cap.
+task drains in order; while the broker is away another task reconnects with backoff
+and the buffer keeps what arrives meanwhile, up to its cap.
 
 Events whose rule asks for QoS 1 are published to the broker at QoS 2, over one MQTT
 session that outlives each connection (clean session off). If a connection breaks
@@ -68,10 +67,6 @@ _BROKER_TIMEOUT = 5.0
 #: Seconds between MQTT pings; a broker that stops answering is given up on after
 #: one and a half of these.
 _KEEPALIVE = 10
-#: Publishes sent and not yet acknowledged, at most: paho's own limit of messages
-#: in flight (``max_inflight_messages``, 20 by default), which sends them in order.
-#: One at a time, a round trip per event capped the bridge near 1,300 a second.
-_WINDOW = 20
 
 
 class _OutageIsNotAnError(logging.Filter):
@@ -310,16 +305,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 
 class MqttBridge:
-    """Publishes accepted events to the broker, in order, a window at a time.
+    """Publishes accepted events to the broker, in order, from one task.
 
     ``submit`` may be called at any time from the event loop and never blocks.
     Events are published in the order they were submitted. While the broker is
     away, events with QoS 1 or 2 wait in the buffer and events with QoS 0 are
     dropped at once (they promise nothing). When the buffer is full the oldest
     buffered event is dropped to make room, so that a subscriber gets the most
-    recent state when the broker returns; when every kept event is already with
-    the client (a buffer no larger than the window), the new one is dropped.
-    Every drop is counted.
+    recent state when the broker returns. Every drop is counted.
 
     An event whose publish was under way when the connection broke stays with
     the MQTT client, which sends it again (flagged DUP) when it is connected
@@ -356,7 +349,6 @@ class MqttBridge:
         self.client_id = client_id
         self.prefix = prefix
         self.capacity = buffer
-        self._window = max(1, min(_WINDOW, buffer))
         if qos_rules is None:
             qos_rules = parse_qos_rules(DEFAULT_QOS_RULES)
         self.qos_rules = tuple(qos_rules)
@@ -367,15 +359,11 @@ class MqttBridge:
         # Set while nothing is buffered nor being published.
         self._flushed = asyncio.Event()
         self._flushed.set()
-        # The publishes under way, up to ``_window``: each counts as buffered
-        # until the broker acknowledged it, across reconnections if need be.
-        self._sending: set[asyncio.Task[None]] = set()
-        # Set while fewer than ``_window`` publishes are under way.
-        self._room = asyncio.Event()
-        self._room.set()
-        # When the broker last showed progress while publishes were under way:
-        # the first of them started, an acknowledgement came, or the client
-        # sent them again after a reconnection. None while nothing waits.
+        # The event being published right now; it counts as buffered until the
+        # broker acknowledged it, across reconnections if need be.
+        self._inflight: tuple[Event, int, bool] | None = None
+        # When the publish of ``_inflight`` started or, after a reconnection,
+        # when the client sent it again; None while nothing waits for an answer.
         self._waiting_since: float | None = None
         # True between the broker's CONNACK and the loss of that connection.
         self.connected = False
@@ -394,7 +382,7 @@ class MqttBridge:
 
     def buffered(self) -> int:
         """Events accepted and not yet acknowledged by the broker."""
-        return len(self._buffer) + len(self._sending)
+        return len(self._buffer) + (self._inflight is not None)
 
     def start(self) -> None:
         """Start the tasks that connect and publish; it does not wait for them."""
@@ -415,7 +403,6 @@ class MqttBridge:
                 async with asyncio.timeout(flush_within):
                     await self._flushed.wait()
         tasks = [task for task in (self._publisher, self._task) if task is not None]
-        tasks += self._sending
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -434,18 +421,15 @@ class MqttBridge:
             if qos == 0 and not self.connected:
                 self.metrics.mqtt_dropped.inc()
                 continue
-            if self.buffered() >= self.capacity and not self._drop_oldest():
-                # Everything kept is with the client already: this one goes.
-                self.metrics.mqtt_dropped.inc()
-                continue
+            if self.buffered() >= self.capacity:
+                self._drop_oldest()
             self._buffer.append((event, qos, retain))
             self._flushed.clear()
         self._ready.set()
 
-    def _drop_oldest(self) -> bool:
-        """Drop the oldest event not yet handed to the client; False if none."""
+    def _drop_oldest(self) -> None:
         if not self._buffer:
-            return False
+            return
         self._buffer.popleft()
         self.metrics.mqtt_dropped.inc()
         if not self._overflowing:
@@ -453,7 +437,6 @@ class MqttBridge:
             logger.warning(
                 "MQTT buffer full at %d events; dropping the oldest", self.capacity
             )
-        return True
 
     async def _run(self, client: aiomqtt.Client) -> None:
         """Connect, stay connected until the connection breaks, wait, and again."""
@@ -495,7 +478,7 @@ class MqttBridge:
         if again:
             self.metrics.mqtt_reconnects.inc()
         if self._waiting_since is not None:
-            # The client sends the unacknowledged events again on connecting.
+            # The client sends the unacknowledged event again on connecting.
             self._waiting_since = time.monotonic()
         self._up.set()
         if down_since is None:
@@ -510,7 +493,7 @@ class MqttBridge:
 
     def _make_client(self) -> aiomqtt.Client:
         address = self.address
-        client = _LoopSafeClient(
+        return _LoopSafeClient(
             address.host,
             address.port,
             username=address.username,
@@ -522,10 +505,6 @@ class MqttBridge:
             keepalive=_KEEPALIVE,
             logger=_client_logger,
         )
-        # aiomqtt warns past 10 publishes awaiting their acknowledgement; the
-        # window allows more, on purpose.
-        client.pending_calls_threshold = self._window
-        return client
 
     async def _stay_connected(self, client: aiomqtt.Client) -> None:
         """Return, with ``MqttError``, when the connection is lost or stalls."""
@@ -564,46 +543,24 @@ class MqttBridge:
                 )
 
     async def _publish_all(self, client: aiomqtt.Client) -> None:
-        """Publish buffered events oldest first, up to ``_window`` at once, forever.
-
-        Each publish runs as a task of its own, and tasks start in the order
-        they were made, so paho sends the events in buffer order.
-        """
+        """Publish buffered events one at a time, oldest first, forever."""
         while True:
             if not self._buffer:
                 self._overflowing = False
-                if not self._sending:
-                    self._flushed.set()
+                self._flushed.set()
                 self._ready.clear()
                 await self._ready.wait()
                 continue
             await self._up.wait()
-            if len(self._sending) >= self._window:
-                self._room.clear()
-                await self._room.wait()
-                continue
             if not self._buffer:
                 continue
-            if not self._sending:
-                self._waiting_since = time.monotonic()
-            task = asyncio.create_task(self._publish(client, self._buffer.popleft()))
-            self._sending.add(task)
-            task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # A bug, not an outage (those are handled in ``_publish``): the
-            # event is lost, and said so.
-            self.metrics.mqtt_dropped.inc()
-            logger.error("publishing an event to the broker failed", exc_info=error)
-        self._room.set()
-        if self._sending:
+            item = self._inflight = self._buffer.popleft()
             self._waiting_since = time.monotonic()
-        else:
-            self._waiting_since = None
-            if not self._buffer:
-                self._flushed.set()
+            try:
+                await self._publish(client, item)
+            finally:
+                self._inflight = None
+                self._waiting_since = None
 
     async def _publish(
         self, client: aiomqtt.Client, item: tuple[Event, int, bool]
@@ -630,10 +587,7 @@ class MqttBridge:
                 # and sends it on connecting, with no one left to wait for it.
                 self.metrics.mqtt_published.inc()
             elif qos and len(self._buffer) < self.capacity:
-                # Another refusal of paho's (none is expected with its default
-                # settings): try again first, even if others went out since.
                 self._buffer.appendleft(item)
-                self._ready.set()
             else:
                 self.metrics.mqtt_dropped.inc()
             return
