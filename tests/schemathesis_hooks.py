@@ -29,7 +29,7 @@ from gateway.ingress.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signatu
 WEBHOOK_PATH = "/webhooks/fixtures"
 
 #: Refusals of requests the schema allows, by rules it cannot state: the
-#: operation, the error code and how the message starts.
+#: operation, the error code and a part of the message.
 DOCUMENTED_REFUSALS = (
     # A since beyond the topic's last offset: the history was reset.
     ("GET /topics/{topic}/events", "offset_ahead", ""),
@@ -40,6 +40,11 @@ DOCUMENTED_REFUSALS = (
     ("POST /webhooks/fixtures", "bad_request", "minute: expected a whole number"),
     # A fixture whose home and away teams are the same.
     ("POST /webhooks/fixtures", "bad_request", "fixture.away: a team cannot play"),
+    # An event source with characters Python does not call printable (control
+    # characters, unassigned code points), which JSON Schema cannot name.
+    ("POST /events", "bad_request", ".eventSource: expected a string of 1 to 128"),
+    # Generated cases share Idempotency-Key values across different bodies (422).
+    ("POST /events", "idempotency_key_reused", ""),
 )
 
 
@@ -76,8 +81,8 @@ def before_call(
 
 
 def documented_refusal(label: str, response: schemathesis.Response) -> bool:
-    """Tell whether a 400 answer follows one of ``DOCUMENTED_REFUSALS``."""
-    if response.status_code != 400:
+    """Tell whether a 400 or 422 answer follows one of ``DOCUMENTED_REFUSALS``."""
+    if response.status_code not in (400, 422):
         return False
     try:
         error = response.json()["error"]
@@ -85,8 +90,8 @@ def documented_refusal(label: str, response: schemathesis.Response) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     return any(
-        label == rule_label and code == rule_code and message.startswith(start)
-        for rule_label, rule_code, start in DOCUMENTED_REFUSALS
+        label == rule_label and code == rule_code and part in message
+        for rule_label, rule_code, part in DOCUMENTED_REFUSALS
     )
 
 
