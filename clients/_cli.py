@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import signal
 from collections.abc import Mapping, Sequence
@@ -9,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "MASK",
+    "check_gateway_url",
     "http_address",
     "masked_command",
     "masked_url",
@@ -82,3 +84,15 @@ def http_address(url: str) -> tuple[str, int]:
     if port == 0:
         raise ValueError(f"port 0 is not a gateway's port in {url!r}")
     return parts.hostname, port or 80
+
+
+def check_gateway_url(
+    parser: argparse.ArgumentParser, url: str, api_key: str | None
+) -> None:
+    """Exit with a usage error unless ``url`` is a gateway and a key goes with it."""
+    try:
+        http_address(url)
+    except ValueError as exc:
+        parser.error(f"--url: {exc}")
+    if not api_key:
+        parser.error("--url needs --api-key to publish")

@@ -44,7 +44,14 @@ import psutil
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
-from clients._cli import MASK, http_address, masked_command, masked_url, stop_on_sigterm
+from clients._cli import (
+    MASK,
+    check_gateway_url,
+    http_address,
+    masked_command,
+    masked_url,
+    stop_on_sigterm,
+)
 from clients._mqtt_wire import MqttClient, decode_length
 from clients._publish import HttpPublisher
 from clients._servers import (
@@ -123,12 +130,7 @@ def _check_urls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.url is None:
         return
-    try:
-        http_address(args.url)
-    except ValueError as exc:
-        parser.error(f"--url: {exc}")
-    if not args.api_key:
-        parser.error("--url needs --api-key to publish")
+    check_gateway_url(parser, args.url, args.api_key)
     if args.mqtt_url:
         problem = _broker_url_problem(args.mqtt_url)
         if problem:

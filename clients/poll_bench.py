@@ -37,7 +37,7 @@ import orjson
 import psutil
 import uvloop
 
-from clients._cli import http_address, stop_on_sigterm
+from clients._cli import check_gateway_url, http_address, stop_on_sigterm
 
 __all__ = ["main"]
 
@@ -100,12 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if options.warmup < 0:
         parser.error("--warmup must be 0 or more")
     if options.url is not None:
-        try:
-            http_address(options.url)
-        except ValueError as exc:
-            parser.error(f"--url: {exc}")
-        if not options.api_key:
-            parser.error("--url needs --api-key to publish")
+        check_gateway_url(parser, options.url, options.api_key)
         # Paths are appended to it.
         options.url = options.url.rstrip("/")
     return options
